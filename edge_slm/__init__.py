@@ -1,0 +1,77 @@
+"""edge-slm runtime: run small language model bundles with numpy, onnxruntime and tokenizers.
+
+    >>> import edge_slm
+    >>> model = edge_slm.load("bundles/smollm2-int4")
+    >>> print(model.chat([{"role": "user", "content": "What is the capital of France?"}]).text)
+
+Nothing here imports torch, transformers or the build stage (``export``, ``quantize``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_slm.bundle import Manifest, read_bundle
+from edge_slm.errors import (
+    BundleError,
+    BundleVersionError,
+    ChatTemplateError,
+    ChecksumError,
+    ContextLengthError,
+    EdgeSlmError,
+    InvalidArgumentError,
+)
+from edge_slm.generation import (
+    Chunk,
+    GenerationOptions,
+    GenerationResult,
+    TextGenerator,
+    Timings,
+    TokenStep,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BundleError",
+    "BundleVersionError",
+    "ChatTemplateError",
+    "ChecksumError",
+    "Chunk",
+    "ContextLengthError",
+    "EdgeSlmError",
+    "GenerationOptions",
+    "GenerationResult",
+    "InvalidArgumentError",
+    "Manifest",
+    "TextGenerator",
+    "Timings",
+    "TokenStep",
+    "load",
+]
+
+
+def load(
+    path: str | Path,
+    *,
+    threads: int | None = None,
+    spinning: bool | None = None,
+    verify: bool = True,
+) -> TextGenerator:
+    """Load a bundle folder and return the object for its task.
+
+    Args:
+        path: the bundle folder (``manifest.json``, ``model.onnx``, ``tokenizer.json``).
+        threads: onnxruntime intra-op threads; None uses every CPU this process may use.
+        spinning: let idle onnxruntime threads spin (None keeps onnxruntime's default).
+        verify: check every file's sha256 against the manifest before loading.
+
+    Raises:
+        BundleError: the folder is not a valid bundle (BundleVersionError for an
+            unknown format version, ChecksumError for a modified or missing file).
+    """
+    folder = Path(path)
+    manifest = read_bundle(folder, verify=verify)
+    if manifest.task == "text-generation":
+        return TextGenerator(folder, manifest, threads=threads, spinning=spinning)
+    raise BundleError(f"bundle task {manifest.task!r} is not supported by this runtime yet")

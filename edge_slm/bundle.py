@@ -1,0 +1,328 @@
+"""The bundle: one folder that carries a model from the build stage to the device.
+
+A bundle holds ``model.onnx`` (plus external-data files if the graph needed them),
+``tokenizer.json`` and ``manifest.json``. The manifest is the single source of truth
+for the runtime: task, KV-cache layout, I/O names, special tokens, chat template,
+generation defaults, checksums, provenance, quantization and quality figures. Every
+field is documented in ``docs/bundle-format.md``.
+
+The build stage writes bundles through :func:`write_manifest`; the runtime reads them
+through :func:`read_bundle`, which rejects unknown format versions and checksum
+mismatches with typed errors before any file is handed to onnxruntime. A bundle is
+data only: nothing in it is executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from edge_slm.errors import BundleError, BundleVersionError, ChecksumError
+
+FORMAT_NAME = "edge-slm-bundle"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TASKS = ("text-generation", "text-classification", "feature-extraction")
+Task = Literal["text-generation", "text-classification", "feature-extraction"]
+_HASH_CHUNK = 1 << 22
+
+
+def _from_dict(cls: type[Any], data: Any, where: str) -> Any:
+    """Build the dataclass ``cls`` from ``data``, rejecting unknown and missing keys."""
+    if not isinstance(data, dict):
+        raise BundleError(f"manifest field {where!r} must be an object, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise BundleError(
+            f"manifest field {where!r} has unknown keys {unknown}; allowed: {sorted(names)}"
+        )
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise BundleError(f"manifest field {where!r} is incomplete: {exc}") from None
+
+
+@dataclass(frozen=True)
+class DecoderIO:
+    """Names and shapes the KV-cache loop needs to drive a decoder graph.
+
+    Name templates contain ``{layer}``, e.g. ``past_key_values.{layer}.key``.
+    ``position_ids`` is None for graphs that compute positions themselves.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: str = "float32"
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    position_ids: str | None = "position_ids"
+    past_key: str = "past_key_values.{layer}.key"
+    past_value: str = "past_key_values.{layer}.value"
+    logits: str = "logits"
+    present_key: str = "present.{layer}.key"
+    present_value: str = "present.{layer}.value"
+
+    def past_names(self) -> list[tuple[str, str]]:
+        """(key, value) input names per layer, in layer order."""
+        return [
+            (self.past_key.format(layer=i), self.past_value.format(layer=i))
+            for i in range(self.num_layers)
+        ]
+
+    def present_names(self) -> list[tuple[str, str]]:
+        """(key, value) output names per layer, in layer order."""
+        return [
+            (self.present_key.format(layer=i), self.present_value.format(layer=i))
+            for i in range(self.num_layers)
+        ]
+
+
+@dataclass(frozen=True)
+class EncoderIO:
+    """Input/output names of an encoder graph (classification, embeddings)."""
+
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    token_type_ids: str | None = None
+    output: str = "logits"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Special token ids and strings; ``eos_token_ids`` may hold several ids."""
+
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    add_bos_token: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling settings from the model's generation_config; None means "not set"."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a bundle came from and which tools made it."""
+
+    source: str
+    source_kind: Literal["hub", "folder", "gguf"]
+    revision: str | None = None
+    source_sha256: str | None = None
+    created_at: str | None = None
+    tools: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Export-time check of the ONNX graph against the torch model."""
+
+    max_abs_logit_diff: float
+    tolerance: float
+    prompts: int
+    greedy_tokens_match: bool | None = None
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the weights were made small, and what it cost in quality.
+
+    ``method`` is "none" for an fp32 bundle. Perplexities are measured on the same
+    text (named by ``eval_text`` and its sha256) before and after quantization.
+    """
+
+    method: str = "none"
+    bits: int | None = None
+    block_size: int | None = None
+    symmetric: bool | None = None
+    accuracy_level: int | None = None
+    size_before_bytes: int | None = None
+    size_after_bytes: int | None = None
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    eval_text: str | None = None
+    eval_text_sha256: str | None = None
+    eval_tokens: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to run a bundle (see docs/bundle-format.md)."""
+
+    task: Task
+    model_type: str
+    architecture: str
+    vocab_size: int
+    context_length: int
+    files: dict[str, str]
+    special_tokens: SpecialTokens
+    provenance: Provenance
+    decoder: DecoderIO | None = None
+    encoder: EncoderIO | None = None
+    chat_template: str | None = None
+    chat_format: dict[str, Any] | None = None
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
+    labels: list[str] | None = None
+    validation: Validation | None = None
+    quantization: Quantization = field(default_factory=Quantization)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the format header first."""
+        data = asdict(self)
+        head = {"format": data.pop("format"), "format_version": data.pop("format_version")}
+        return {**head, **data}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Parse and validate a manifest dict; raises BundleError / BundleVersionError."""
+        if not isinstance(data, dict):
+            raise BundleError("manifest must be a JSON object")
+        if data.get("format") != FORMAT_NAME:
+            raise BundleError(
+                f"not an edge-slm manifest: format is {data.get('format')!r}, expected {FORMAT_NAME!r}"
+            )
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleVersionError(
+                f"bundle format_version {version!r} is not supported by this runtime "
+                f"(supported: {FORMAT_VERSION}); re-export the bundle or upgrade edge-slm"
+            )
+        data = dict(data)
+        nested: dict[str, type[Any]] = {
+            "special_tokens": SpecialTokens,
+            "provenance": Provenance,
+            "decoder": DecoderIO,
+            "encoder": EncoderIO,
+            "generation_defaults": GenerationDefaults,
+            "validation": Validation,
+            "quantization": Quantization,
+        }
+        for key, sub in nested.items():
+            if data.get(key) is not None:
+                data[key] = _from_dict(sub, data[key], key)
+        manifest = cast(Manifest, _from_dict(cls, data, "manifest"))
+        manifest._check()
+        return manifest
+
+    def _check(self) -> None:
+        if self.task not in TASKS:
+            raise BundleError(f"unknown task {self.task!r}; allowed: {list(TASKS)}")
+        for role in ("model", "tokenizer"):
+            if role not in self.files:
+                raise BundleError(f"manifest 'files' lacks the {role!r} entry")
+        if self.task == "text-generation" and self.decoder is None:
+            raise BundleError("a text-generation bundle needs a 'decoder' section")
+        if self.task != "text-generation" and self.encoder is None:
+            raise BundleError(f"a {self.task} bundle needs an 'encoder' section")
+        if self.task == "text-classification" and not self.labels:
+            raise BundleError("a text-classification bundle needs 'labels'")
+        if self.context_length <= 0 or self.vocab_size <= 0:
+            raise BundleError("context_length and vocab_size must be positive")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundle_files(folder: Path) -> list[str]:
+    """Every regular file of a bundle except the manifest, as sorted relative paths."""
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST_FILE
+    )
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` into ``folder``, adding the sha256 of every other file.
+
+    Call it last, once every file of the bundle is in place.
+    """
+    folder = Path(folder)
+    data = manifest.to_dict()
+    data["checksums"] = {name: sha256_file(folder / name) for name in bundle_files(folder)}
+    path = folder / MANIFEST_FILE
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def verify_checksums(folder: Path, checksums: Any) -> None:
+    """Raise ChecksumError unless every listed file exists with its recorded sha256.
+
+    Files present in the folder but absent from the list are refused too: a bundle is
+    exactly what its manifest says.
+    """
+    if not isinstance(checksums, dict) or not checksums:
+        raise BundleError("manifest has no 'checksums' object")
+    for name, expected in checksums.items():
+        path = (folder / name).resolve()
+        if folder.resolve() not in path.parents:
+            raise BundleError(f"checksum entry {name!r} points outside the bundle")
+        if not path.is_file():
+            raise ChecksumError(f"bundle file {name!r} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ChecksumError(
+                f"bundle file {name!r} is corrupt or was modified: sha256 {actual} "
+                f"!= {expected} recorded in the manifest"
+            )
+    extra = sorted(set(bundle_files(folder)) - set(checksums))
+    if extra:
+        raise ChecksumError(f"bundle holds files its manifest does not list: {extra}")
+
+
+def read_manifest(folder: str | Path) -> tuple[Manifest, dict[str, str]]:
+    """Parse ``manifest.json`` without checking files; returns (manifest, checksums)."""
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not folder.is_dir():
+        raise BundleError(f"bundle folder {str(folder)!r} does not exist")
+    if not path.is_file():
+        raise BundleError(f"{str(folder)!r} is not a bundle: it has no {MANIFEST_FILE}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} must hold a JSON object")
+    data = dict(data)
+    checksums = data.pop("checksums", None)
+    manifest = Manifest.from_dict(data)
+    return manifest, cast(dict[str, str], checksums)
+
+
+def read_bundle(folder: str | Path, verify: bool = True) -> Manifest:
+    """Read and validate a bundle's manifest and, if ``verify``, every file's sha256."""
+    folder = Path(folder)
+    manifest, checksums = read_manifest(folder)
+    if verify:
+        verify_checksums(folder, checksums)
+    for role, name in manifest.files.items():
+        if not (folder / name).is_file():
+            raise BundleError(f"bundle {role} file {name!r} is missing")
+    return manifest

@@ -1,0 +1,173 @@
+"""The ``edge-slm`` command: thin argument parsing, then one call into the library.
+
+Runtime commands (``generate``, ``chat``, ``info``) use edge_slm only. Build commands
+(``export``, ``quantize``) live in the build stage, which a device does not install:
+they are looked up by name only when invoked, so ``edge-slm generate`` never loads
+torch, and ``edge-slm export`` on a device says which extra to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_slm.errors import EdgeSlmError
+
+# subcommand -> module of the build stage providing add_arguments(parser) and run(args)
+_BUILD_COMMANDS = {
+    "export": ("export.cli", "convert a HF model (hub id, folder or .gguf) to a bundle"),
+    "quantize": ("quantize.cli", "make a bundle small (8-bit / 4-bit weight-only)"),
+}
+
+
+def _build_module(name: str) -> Any:
+    """Import a build-stage CLI module, or explain how to get it."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise SystemExit(
+            f"edge-slm: this command needs the build stage ({exc.name} is missing); "
+            "install it with: pip install 'edge-slm[build]'"
+        ) from None
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, help="bundle folder")
+    parser.add_argument("prompt", help="prompt text (for chat: the user message)")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the bundle's")
+    parser.add_argument("--temperature", type=float, help="0 = greedy; default: the bundle's")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--typical-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, help="random seed (same seed, same text)")
+    parser.add_argument("--deadline", type=float, dest="deadline_s", help="seconds")
+    parser.add_argument(
+        "--truncate-prompt", action="store_true", help="drop the oldest prompt tokens if too long"
+    )
+    parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all CPUs)")
+    parser.add_argument("--system", help="system prompt (chat only)")
+    parser.add_argument("--no-stream", action="store_true", help="print the answer at the end")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+_OPTION_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "no_repeat_ngram_size",
+    "seed",
+    "deadline_s",
+    "truncate_prompt",
+)
+
+
+def _run_generation(args: argparse.Namespace, chat: bool) -> int:
+    from edge_slm import load
+
+    model = load(args.bundle, threads=args.threads)
+    options = {name: getattr(args, name) for name in _OPTION_FIELDS}
+    options["stop"] = tuple(args.stop)
+    if chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.prompt})
+    if args.json or args.no_stream:
+        result = model.chat(messages, **options) if chat else model.generate(args.prompt, **options)
+        if args.json:
+            t = result.timings
+            print(
+                json.dumps(
+                    {
+                        "text": result.text,
+                        "token_ids": result.token_ids,
+                        "finish_reason": str(result.finish_reason),
+                        "stop": result.stop,
+                        "timings": {
+                            "load_s": t.load_s,
+                            "time_to_first_token_s": t.time_to_first_token_s,
+                            "prompt_tokens": t.prompt_tokens,
+                            "prompt_tokens_per_s": t.prompt_tokens_per_s,
+                            "generated_tokens": t.generated_tokens,
+                            "decode_tokens_per_s": t.decode_tokens_per_s,
+                        },
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        else:
+            print(result.text)
+        return 0
+    chunks = (
+        model.stream_chat(messages, **options) if chat else model.stream(args.prompt, **options)
+    )
+    reason = None
+    for chunk in chunks:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        reason = chunk.finish_reason
+    sys.stdout.write("\n")
+    print(f"[finish: {reason}]", file=sys.stderr)
+    return 0
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from edge_slm.bundle import read_bundle
+
+    manifest = read_bundle(args.bundle, verify=not args.no_verify)
+    print(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="edge-slm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in _BUILD_COMMANDS.items():
+        build = sub.add_parser(name, help=help_text, add_help=False)
+        build.set_defaults(build_module=module)
+    for name, help_text in (("generate", "complete a prompt"), ("chat", "answer one chat message")):
+        gen = sub.add_parser(name, help=help_text)
+        _add_generation_arguments(gen)
+    info = sub.add_parser("info", help="print a bundle's manifest after checking it")
+    info.add_argument("bundle", type=Path)
+    info.add_argument("--no-verify", action="store_true", help="skip the checksum check")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edge-slm`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in _BUILD_COMMANDS:
+        module = _build_module(_BUILD_COMMANDS[argv[0]][0])
+        build_parser_ = argparse.ArgumentParser(prog=f"edge-slm {argv[0]}")
+        module.add_arguments(build_parser_)
+        return int(module.run(build_parser_.parse_args(argv[1:])))
+    args = parser.parse_args(argv)
+    try:
+        if args.command in ("generate", "chat"):
+            return _run_generation(args, chat=args.command == "chat")
+        return _run_info(args)
+    except EdgeSlmError as exc:
+        print(f"edge-slm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

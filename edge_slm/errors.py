@@ -1,0 +1,35 @@
+"""Typed errors of the runtime.
+
+Every error edge_slm raises on purpose derives from :class:`EdgeSlmError`, so a caller
+can catch them all in one place. Messages name the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+
+class EdgeSlmError(Exception):
+    """Base class of every error raised on purpose by edge_slm."""
+
+
+class BundleError(EdgeSlmError):
+    """A bundle folder is missing, malformed or inconsistent with its graph."""
+
+
+class BundleVersionError(BundleError):
+    """The manifest's format version is not one this runtime can read."""
+
+
+class ChecksumError(BundleError):
+    """A bundle file's sha256 differs from the one recorded in its manifest."""
+
+
+class InvalidArgumentError(EdgeSlmError, ValueError):
+    """A caller passed a value outside the allowed range or set."""
+
+
+class ContextLengthError(InvalidArgumentError):
+    """A prompt does not fit in the model's context window."""
+
+
+class ChatTemplateError(EdgeSlmError):
+    """A chat template cannot be rendered with what this runtime has."""

@@ -1,0 +1,443 @@
+"""Text generation over a decoder bundle, in three layers (after mlx-lm's generate.py).
+
+1. :meth:`TextGenerator.generate_tokens` yields :class:`TokenStep` (token id, log-prob)
+   from a prompt's token ids: the KV-cache loop, the sampler, stop tokens, limits.
+2. :meth:`TextGenerator.stream` yields :class:`Chunk` (a text piece, its tokens, and the
+   finish reason on the last one): the streaming detokenizer and stop strings.
+3. :meth:`TextGenerator.generate` returns one :class:`GenerationResult` with the
+   whole text, token ids, finish reason and timings.
+
+:class:`GenerationOptions` holds per-call settings; a field left at None takes the
+bundle's default (its ``generation_defaults``), as in piper's SynthesisConfig.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edge_slm.bundle import Manifest
+from edge_slm.chat import ChatFormat, render_chat
+from edge_slm.decoder import DecoderModel, KVCache
+from edge_slm.detokenizer import StreamingDetokenizer
+from edge_slm.errors import ContextLengthError, InvalidArgumentError
+from edge_slm.sampling import TokenLogprob, make_logits_processors, make_sampler, top_logprobs
+from edge_slm.stopping import Deadline, FinishReason, StopStringMatcher
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Per-call generation settings; None means "the bundle's default".
+
+    Sampling is greedy when ``temperature`` is 0. When ``temperature`` is None the
+    bundle's default applies: its ``temperature`` if its generation_config samples,
+    greedy otherwise.
+    """
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    logit_bias: Mapping[int, float] | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    seed: int | None = None
+    deadline_s: float | None = None
+    logprobs: int = 0
+    truncate_prompt: bool = False
+
+    @classmethod
+    def build(
+        cls, options: GenerationOptions | None, overrides: Mapping[str, Any]
+    ) -> GenerationOptions:
+        """``options`` (or the defaults) with keyword ``overrides``; unknown names raise."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown generation option(s) {unknown}; allowed: {sorted(names)}"
+            )
+        return replace(options or cls(), **overrides)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the time went, in seconds (load time is the bundle's, measured once)."""
+
+    load_s: float
+    prompt_tokens: int
+    reused_prompt_tokens: int
+    prompt_s: float
+    generated_tokens: int
+    decode_s: float
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        """Prompt processing plus the first sample."""
+        return self.prompt_s
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        """Prompt tokens actually computed (reused ones excluded) per second."""
+        computed = self.prompt_tokens - self.reused_prompt_tokens
+        return computed / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first, per second of decoding."""
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass
+class _RunStats:
+    """What layer 1 measures for layer 3's timings."""
+
+    prompt_ids: list[int] = field(default_factory=list)
+    reused_prompt_tokens: int = 0
+    first_token_at: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """One generated token (layer 1)."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed text (layer 2); the last chunk carries the finish reason."""
+
+    text: str
+    steps: tuple[TokenStep, ...]
+    finish_reason: FinishReason | None = None
+    stop: str | int | None = None
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """The tokens decoded since the previous chunk."""
+        return tuple(step.token_id for step in self.steps)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished generation (layer 3)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: FinishReason
+    stop: str | int | None
+    timings: Timings
+    logprobs: list[TokenStep] = field(default_factory=list)
+
+
+class TextGenerator:
+    """Generates text from a text-generation bundle (see :func:`edge_slm.load`)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        threads: int | None = None,
+        spinning: bool | None = None,
+    ) -> None:
+        start = time.perf_counter()
+        assert manifest.decoder is not None  # guaranteed by Manifest validation
+        self.folder = folder
+        self.manifest = manifest
+        self.model = DecoderModel(
+            folder / manifest.files["model"], manifest.decoder, threads, spinning
+        )
+        self.tokenizer: Tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
+        self.chat_format = (
+            ChatFormat.from_dict(manifest.chat_format) if manifest.chat_format else None
+        )
+        self._cache: KVCache | None = None
+        self._vocab = manifest.vocab_size
+        self.load_s = time.perf_counter() - start
+
+    # ----------------------------------------------------------------- text <-> ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (the tokenizer's own post-processor adds BOS if it should)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``token_ids``."""
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text of ``messages`` under the bundle's chat template."""
+        tokens = self.manifest.special_tokens
+        strings = {"bos_token": tokens.bos_token or "", "eos_token": tokens.eos_token or ""}
+        return render_chat(
+            messages, self.chat_format, self.manifest.chat_template, add_generation_prompt, strings
+        )
+
+    # ------------------------------------------------------------------- settings
+    def _resolve(self, options: GenerationOptions) -> GenerationOptions:
+        """Fill None fields from the bundle's generation defaults."""
+        defaults = self.manifest.generation_defaults
+        temperature = options.temperature
+        if temperature is None:
+            wants_sampling = defaults.do_sample or any(
+                v is not None
+                for v in (options.top_k, options.top_p, options.min_p, options.typical_p)
+            )
+            temperature = (defaults.temperature or 1.0) if wants_sampling else 0.0
+        return replace(
+            options,
+            max_new_tokens=options.max_new_tokens
+            if options.max_new_tokens is not None
+            else defaults.max_new_tokens,
+            temperature=temperature,
+            top_k=options.top_k if options.top_k is not None else (defaults.top_k or 0),
+            top_p=options.top_p if options.top_p is not None else (defaults.top_p or 1.0),
+            min_p=options.min_p if options.min_p is not None else (defaults.min_p or 0.0),
+            typical_p=options.typical_p if options.typical_p is not None else 1.0,
+            repetition_penalty=options.repetition_penalty
+            if options.repetition_penalty is not None
+            else (defaults.repetition_penalty or 1.0),
+        )
+
+    def _fit_context(
+        self, prompt_ids: list[int], options: GenerationOptions
+    ) -> tuple[list[int], int]:
+        """Check the prompt fits; returns (prompt ids, max new tokens clamped to the room left).
+
+        With ``truncate_prompt`` the oldest tokens are dropped (a leading BOS is kept)
+        so that at least one new token fits; otherwise a long prompt raises.
+        """
+        context = self.manifest.context_length
+        wanted = int(options.max_new_tokens or 0)
+        if wanted < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {wanted}")
+        if not prompt_ids:
+            raise InvalidArgumentError("the prompt is empty (it encodes to no tokens)")
+        if len(prompt_ids) >= context:
+            if not options.truncate_prompt:
+                raise ContextLengthError(
+                    f"the prompt has {len(prompt_ids)} tokens but the context holds {context} "
+                    "(including the tokens to generate); shorten it or pass truncate_prompt=True"
+                )
+            keep = max(1, context - min(wanted, context // 2))
+            bos = self.manifest.special_tokens.bos_token_id
+            head = [prompt_ids[0]] if bos is not None and prompt_ids[0] == bos else []
+            prompt_ids = head + prompt_ids[len(prompt_ids) - (keep - len(head)) :]
+        return prompt_ids, min(wanted, context - len(prompt_ids))
+
+    # ------------------------------------------------------------- layer 1: tokens
+    def generate_tokens(
+        self, prompt_ids: Sequence[int], options: GenerationOptions | None = None, **overrides: Any
+    ) -> Iterator[TokenStep]:
+        """Yield generated tokens one by one; the last one carries the finish reason.
+
+        The KV cache of the previous call is reused for the longest shared prefix of
+        token ids (a fixed system prompt, earlier chat turns).
+        """
+        yield from self._tokens(
+            prompt_ids, GenerationOptions.build(options, overrides), _RunStats()
+        )
+
+    def _tokens(
+        self, prompt_ids: Sequence[int], options: GenerationOptions, stats: _RunStats
+    ) -> Iterator[TokenStep]:
+        opts = self._resolve(options)
+        ids, budget = self._fit_context(list(prompt_ids), opts)
+        stats.prompt_ids = ids
+        for token_id in opts.stop_token_ids:
+            if not 0 <= token_id < self._vocab:
+                raise InvalidArgumentError(
+                    f"stop token id {token_id} outside the vocabulary [0, {self._vocab})"
+                )
+        sampler = make_sampler(
+            temperature=float(opts.temperature or 0.0),
+            top_k=int(opts.top_k or 0),
+            top_p=float(opts.top_p or 1.0),
+            min_p=float(opts.min_p or 0.0),
+            typical_p=float(opts.typical_p or 1.0),
+        )
+        processors = make_logits_processors(
+            repetition_penalty=float(opts.repetition_penalty or 1.0),
+            frequency_penalty=opts.frequency_penalty,
+            presence_penalty=opts.presence_penalty,
+            no_repeat_ngram_size=opts.no_repeat_ngram_size,
+            logit_bias=opts.logit_bias,
+            vocab_size=self._vocab,
+        )
+        if opts.logprobs < 0:
+            raise InvalidArgumentError(f"logprobs must be >= 0, got {opts.logprobs}")
+        rng = np.random.default_rng(opts.seed)
+        stop_ids = set(self.manifest.special_tokens.eos_token_ids) | set(opts.stop_token_ids)
+        deadline = Deadline(opts.deadline_s)
+
+        prompt = np.asarray([ids], dtype=np.int64)  # [1, prompt_len]
+        cache = self._reusable_cache(prompt)
+        stats.reused_prompt_tokens = cache.length
+        self._cache = None  # a failure mid-way must not leave a half-updated cache behind
+        logits, cache = self.model.forward(prompt[:, cache.length :], cache)
+        history = list(ids)
+        generated: list[int] = []
+        for step in range(budget):
+            row = logits[0]  # [vocab]
+            for process in processors:
+                row = process(
+                    np.asarray(history, dtype=np.int64), np.asarray(generated, dtype=np.int64), row
+                )
+            token = sampler(row, rng)
+            if stats.first_token_at is None:
+                stats.first_token_at = time.perf_counter()
+            logprob, alternatives = top_logprobs(row, token, opts.logprobs)
+            generated.append(token)
+            history.append(token)
+            reason: FinishReason | None = None
+            if token in stop_ids:
+                reason = FinishReason.STOP_TOKEN
+            elif step == budget - 1:
+                reason = FinishReason.LENGTH
+            elif deadline.expired():
+                reason = FinishReason.DEADLINE
+            if reason is not None:
+                self._cache = cache
+                yield TokenStep(token, logprob, alternatives, reason)
+                return
+            # Keep the cache usable for a caller that stops iterating early.
+            self._cache = cache
+            yield TokenStep(token, logprob, alternatives)
+            self._cache = None
+            logits, cache = self.model.forward(np.asarray([[token]], dtype=np.int64), cache)
+
+    def _reusable_cache(self, prompt: np.ndarray) -> KVCache:
+        """The previous cache cut to the prefix it shares with ``prompt`` (at least one
+        prompt token is left to compute, since its logits are needed)."""
+        cache = self._cache
+        if cache is None or cache.tokens.shape[0] != 1:
+            return self.model.empty_cache(1)
+        limit = min(cache.length, prompt.shape[1] - 1)
+        same = cache.tokens[0, :limit] == prompt[0, :limit]
+        shared = int(limit if same.all() else np.argmin(same))
+        return cache.truncated(shared) if shared > 0 else self.model.empty_cache(1)
+
+    def reset_cache(self) -> None:
+        """Forget the cached prefix (the next call computes its prompt from scratch)."""
+        self._cache = None
+
+    # --------------------------------------------------------------- layer 2: text
+    def stream(
+        self, prompt: str, options: GenerationOptions | None = None, **overrides: Any
+    ) -> Iterator[Chunk]:
+        """Yield text pieces as they are decoded; the last chunk has the finish reason.
+
+        Text that might begin a stop string is held back until it is resolved; the
+        stop string itself is never returned.
+        """
+        opts = GenerationOptions.build(options, overrides)
+        yield from self._stream_ids(self.encode(prompt), opts, _RunStats())
+
+    def _stream_ids(
+        self, prompt_ids: list[int], opts: GenerationOptions, stats: _RunStats
+    ) -> Iterator[Chunk]:
+        detokenizer = StreamingDetokenizer(self.tokenizer)
+        matcher = StopStringMatcher(opts.stop) if opts.stop else None
+        pending: list[TokenStep] = []
+        for step in self._tokens(prompt_ids, opts, stats):
+            pending.append(step)
+            piece = detokenizer.add_token(step.token_id)
+            if step.finish_reason is not None:
+                piece += detokenizer.finalize()
+            if matcher is not None:
+                result = matcher.push(piece)
+                if result.stopped:
+                    yield Chunk(
+                        result.text, tuple(pending), FinishReason.STOP_STRING, result.stop_string
+                    )
+                    return
+                piece = result.text
+                if step.finish_reason is not None:
+                    piece += matcher.flush()
+            if step.finish_reason is not None:
+                stop = step.token_id if step.finish_reason == FinishReason.STOP_TOKEN else None
+                yield Chunk(piece, tuple(pending), step.finish_reason, stop)
+                return
+            if piece:
+                yield Chunk(piece, tuple(pending))
+                pending = []
+
+    # ------------------------------------------------------------ layer 3: result
+    def generate(
+        self, prompt: str, options: GenerationOptions | None = None, **overrides: Any
+    ) -> GenerationResult:
+        """Generate a completion of ``prompt`` and return it whole, with timings."""
+        opts = GenerationOptions.build(options, overrides)
+        return self._collect(self.encode(prompt), opts)
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        options: GenerationOptions | None = None,
+        **overrides: Any,
+    ) -> GenerationResult:
+        """Answer a conversation (``[{"role": ..., "content": ...}, ...]``)."""
+        opts = GenerationOptions.build(options, overrides)
+        ids = self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self._collect(ids, opts)
+
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        options: GenerationOptions | None = None,
+        **overrides: Any,
+    ) -> Iterator[Chunk]:
+        """Stream the answer to a conversation."""
+        opts = GenerationOptions.build(options, overrides)
+        ids = self.encode(self.render_chat(messages), add_special_tokens=False)
+        yield from self._stream_ids(ids, opts, _RunStats())
+
+    def _collect(self, prompt_ids: list[int], opts: GenerationOptions) -> GenerationResult:
+        start = time.perf_counter()
+        stats = _RunStats()
+        texts: list[str] = []
+        steps: list[TokenStep] = []
+        last: Chunk | None = None
+        for chunk in self._stream_ids(prompt_ids, opts, stats):
+            texts.append(chunk.text)
+            steps.extend(chunk.steps)
+            last = chunk
+        end = time.perf_counter()
+        assert last is not None and last.finish_reason is not None
+        first = stats.first_token_at or end
+        timings = Timings(
+            load_s=self.load_s,
+            prompt_tokens=len(stats.prompt_ids),
+            reused_prompt_tokens=stats.reused_prompt_tokens,
+            prompt_s=first - start,
+            generated_tokens=len(steps),
+            decode_s=end - first,
+        )
+        return GenerationResult(
+            text="".join(texts),
+            token_ids=[step.token_id for step in steps],
+            prompt_token_ids=stats.prompt_ids,
+            finish_reason=last.finish_reason,
+            stop=last.stop,
+            timings=timings,
+            logprobs=steps if opts.logprobs else [],
+        )

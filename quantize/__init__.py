@@ -1,0 +1,28 @@
+"""Build stage: make an fp32 decoder bundle small with weight-only quantization.
+
+Needs the ``build`` extra (onnx, onnxruntime's quantization tools with onnx-ir). The
+runtime never imports this package.
+
+    >>> from quantize import quantize_bundle
+    >>> quantize_bundle("bundles/smollm2", "bundles/smollm2-int4", "int4", eval_text="prose.txt")
+"""
+
+from quantize.bundle import quantize_bundle
+from quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
+from quantize.methods import METHODS, Method, get_method
+from quantize.perplexity import PerplexityResult, bundle_perplexity, perplexity
+from quantize.weight_only import WeightOnlySettings
+
+__all__ = [
+    "METHODS",
+    "AlreadyQuantizedError",
+    "Method",
+    "PerplexityResult",
+    "QuantizationError",
+    "UnknownMethodError",
+    "WeightOnlySettings",
+    "bundle_perplexity",
+    "get_method",
+    "perplexity",
+    "quantize_bundle",
+]

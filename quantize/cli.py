@@ -1,0 +1,117 @@
+"""``edge-slm quantize BUNDLE OUT_DIR --method int4|int8``: argument parsing only.
+
+Progress goes to stderr; the summary (sizes, quantized MatMuls, perplexities) to stdout.
+Options left out take the method's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_slm.bundle import Quantization, read_manifest
+from edge_slm.errors import EdgeSlmError
+from export.progress import stderr_reporter
+from quantize.bundle import quantize_bundle
+from quantize.methods import METHODS
+from quantize.perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the quantize command."""
+    parser.add_argument("bundle", type=Path, help="fp32 bundle folder to quantize")
+    parser.add_argument("out_dir", type=Path, help="quantized bundle folder to write")
+    methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+    parser.add_argument("--method", required=True, choices=sorted(METHODS), help=methods)
+    parser.add_argument("--eval-text", type=Path, help="UTF-8 text file: perplexity before/after")
+    parser.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"tokens of --eval-text to score at most (default {DEFAULT_MAX_TOKENS})",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        help=f"perplexity window in tokens, capped by the context length (default {DEFAULT_WINDOW})",
+    )
+    parser.add_argument(
+        "--block-size", type=int, help="weights per scale (default: the method's, 32)"
+    )
+    parser.add_argument(
+        "--symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="symmetric quantization, no zero points (default: the method's, asymmetric)",
+    )
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        help="MatMulNBits compute: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: the method's)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+
+def _megabytes(size: int | None) -> str:
+    return "?" if size is None else f"{size / 1e6:.1f} MB"
+
+
+def summary(out: Path, quantization: Quantization) -> str:
+    """Human-readable lines about a quantized bundle (what the CLI prints on stdout)."""
+    q = quantization
+    details = q.details
+    lines = [
+        f"bundle: {out}",
+        f"method: {q.method} ({q.bits}-bit, block {q.block_size}, "
+        f"{'symmetric' if q.symmetric else 'asymmetric'}, accuracy_level {q.accuracy_level or 0})",
+        f"size: {_megabytes(q.size_before_bytes)} -> {_megabytes(q.size_after_bytes)}",
+        f"matmuls: {details.get('quantized_matmuls')} quantized, "
+        f"{details.get('remaining_float_matmuls')} with float weights left; "
+        f"lm_head {details.get('lm_head')}",
+    ]
+    if q.perplexity_before is not None and q.perplexity_after is not None:
+        change = 100 * (q.perplexity_after / q.perplexity_before - 1)
+        lines.append(
+            f"perplexity: {q.perplexity_before:.3f} -> {q.perplexity_after:.3f} ({change:+.1f}%) "
+            f"on {q.eval_tokens} tokens of {q.eval_text}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Quantize, then print the summary; errors go to stderr with exit code 2."""
+    try:
+        out = quantize_bundle(
+            args.bundle,
+            args.out_dir,
+            args.method,
+            eval_text=args.eval_text,
+            block_size=args.block_size,
+            symmetric=args.symmetric,
+            accuracy_level=args.accuracy_level,
+            eval_tokens=args.eval_tokens,
+            window=args.window,
+            overwrite=args.overwrite,
+            report=stderr_reporter,
+        )
+        manifest, _ = read_manifest(out)
+    except EdgeSlmError as exc:
+        print(f"edge-slm quantize: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(out, manifest.quantization))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m quantize``."""
+    parser = argparse.ArgumentParser(prog="python -m quantize", description=__doc__)
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m quantize``."""
+    return run(build_parser().parse_args(argv))
