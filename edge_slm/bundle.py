@@ -66,6 +66,16 @@ class DecoderIO:
     logits: str = "logits"
     present_key: str = "present.{layer}.key"
     present_value: str = "present.{layer}.value"
+    # Graph layout. "optimum": past/present are separate tensors of the past length and
+    # the total length, the graph takes an attention mask. "gqa-shared": the fused graph
+    # of export/fused.py (GroupQueryAttention); past and present are one buffer of
+    # shape [batch, kv_heads, capacity, head_dim], written in place, driven by the
+    # inputs named below; attention_mask and position_ids are not graph inputs.
+    layout: str = "optimum"
+    max_length: int | None = None
+    seqlens_k: str | None = None
+    total_sequence_length: str | None = None
+    logits_positions: str | None = None
 
     def past_names(self) -> list[tuple[str, str]]:
         """(key, value) input names per layer, in layer order."""
@@ -84,12 +94,24 @@ class DecoderIO:
 
 @dataclass(frozen=True)
 class EncoderIO:
-    """Input/output names of an encoder graph (classification, embeddings)."""
+    """Input/output names of an encoder graph (classification, embeddings).
+
+    ``problem_type`` tells a classifier's runtime how to turn logits into scores
+    (softmax for single-label, sigmoid for multi-label). ``pooling`` and ``normalize``
+    describe what the graph already does after the encoder (sentence-transformers
+    pooling, L2 normalisation); the runtime does not apply them again.
+    """
 
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"
     token_type_ids: str | None = None
     output: str = "logits"
+    problem_type: Literal["single_label_classification", "multi_label_classification"] | None = (
+        None
+    )
+    pooling: Literal["mean", "cls"] | None = None
+    normalize: bool = False
+    hidden_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,8 +166,9 @@ class Validation:
 class Quantization:
     """How the weights were made small, and what it cost in quality.
 
-    ``method`` is "none" for an fp32 bundle. Perplexities are measured on the same
-    text (named by ``eval_text`` and its sha256) before and after quantization.
+    ``method`` is "none" for an fp32 bundle. Perplexities (decoders) or accuracies
+    (classifiers, over ``eval_examples`` labelled examples) are measured on the same
+    file (named by ``eval_text`` and its sha256) before and after quantization.
     """
 
     method: str = "none"
@@ -160,6 +183,9 @@ class Quantization:
     eval_text: str | None = None
     eval_text_sha256: str | None = None
     eval_tokens: int | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    eval_examples: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
 

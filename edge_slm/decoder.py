@@ -112,18 +112,17 @@ class DecoderModel:
         input_ids: np.ndarray,
         cache: KVCache,
         attention_mask: np.ndarray | None = None,
+        all_positions: bool = False,
     ) -> tuple[np.ndarray, KVCache]:
-        """Run ``input_ids`` after ``cache``; returns (logits of the last position, new cache).
+        """Run ``input_ids`` after ``cache``; returns (logits, the cache extended by them).
 
         Args:
             input_ids: ``[batch, seq]`` int64 new tokens.
             cache: the past (length 0 for prefill).
             attention_mask: ``[batch, seq]`` mask of the new tokens (0 = left padding);
                 None means all ones.
-
-        Returns:
-            logits ``[batch, vocab]`` float32 of the last new position, and the cache
-            extended by ``seq`` positions.
+            all_positions: return the logits of every new position ``[batch, seq, vocab]``
+                (for scoring) instead of the last one only ``[batch, vocab]``.
         """
         batch, seq = input_ids.shape
         if attention_mask is None:
@@ -143,7 +142,7 @@ class DecoderModel:
             feed[key_name] = key
             feed[value_name] = value
         outputs = self.session.run(self._output_names, feed)
-        logits = outputs[0][:, -1, :]  # [B, V]
+        logits = outputs[0] if all_positions else outputs[0][:, -1, :]
         new_cache = KVCache(
             keys=outputs[1::2],
             values=outputs[2::2],
@@ -159,20 +158,6 @@ class DecoderModel:
 
         Used for scoring (perplexity, constrained choice), not for generation.
         """
-        batch, seq = input_ids.shape
-        cache = self.empty_cache(batch)
-        if attention_mask is None:
-            attention_mask = np.ones((batch, seq), dtype=np.int64)
-        feed: dict[str, np.ndarray] = {
-            self.io.input_ids: input_ids,
-            self.io.attention_mask: attention_mask,
-        }
-        if self.io.position_ids is not None:
-            feed[self.io.position_ids] = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
-        for (key_name, value_name), key, value in zip(
-            self._past, cache.keys, cache.values, strict=True
-        ):
-            feed[key_name] = key
-            feed[value_name] = value
-        (logits,) = self.session.run([self.io.logits], feed)
-        return np.asarray(logits, dtype=np.float32)
+        cache = self.empty_cache(input_ids.shape[0])
+        logits, _ = self.forward(input_ids, cache, attention_mask, all_positions=True)
+        return logits

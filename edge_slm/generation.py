@@ -26,8 +26,15 @@ from edge_slm.bundle import Manifest
 from edge_slm.chat import ChatFormat, render_chat
 from edge_slm.decoder import DecoderModel, KVCache
 from edge_slm.detokenizer import StreamingDetokenizer
-from edge_slm.errors import ContextLengthError, InvalidArgumentError
-from edge_slm.sampling import TokenLogprob, make_logits_processors, make_sampler, top_logprobs
+from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
+from edge_slm.sampling import (
+    LogitsProcessor,
+    Sampler,
+    TokenLogprob,
+    make_logits_processors,
+    make_sampler,
+    top_logprobs,
+)
 from edge_slm.stopping import Deadline, FinishReason, StopStringMatcher
 
 
@@ -170,6 +177,7 @@ class TextGenerator:
             ChatFormat.from_dict(manifest.chat_format) if manifest.chat_format else None
         )
         self._cache: KVCache | None = None
+        self._graph_sha256: str | None = None
         self._vocab = manifest.vocab_size
         self.load_s = time.perf_counter() - start
 
@@ -244,6 +252,38 @@ class TextGenerator:
             prompt_ids = head + prompt_ids[len(prompt_ids) - (keep - len(head)) :]
         return prompt_ids, min(wanted, context - len(prompt_ids))
 
+    def _decoding(self, options: GenerationOptions) -> _Decoding:
+        """Validate resolved options and build the sampler, processors and stop set."""
+        opts = self._resolve(options)
+        for token_id in opts.stop_token_ids:
+            if not 0 <= token_id < self._vocab:
+                raise InvalidArgumentError(
+                    f"stop token id {token_id} outside the vocabulary [0, {self._vocab})"
+                )
+        if opts.logprobs < 0:
+            raise InvalidArgumentError(f"logprobs must be >= 0, got {opts.logprobs}")
+        return _Decoding(
+            options=opts,
+            sampler=make_sampler(
+                temperature=float(opts.temperature or 0.0),
+                top_k=int(opts.top_k or 0),
+                top_p=float(opts.top_p or 1.0),
+                min_p=float(opts.min_p or 0.0),
+                typical_p=float(opts.typical_p or 1.0),
+            ),
+            processors=make_logits_processors(
+                repetition_penalty=float(opts.repetition_penalty or 1.0),
+                frequency_penalty=opts.frequency_penalty,
+                presence_penalty=opts.presence_penalty,
+                no_repeat_ngram_size=opts.no_repeat_ngram_size,
+                logit_bias=opts.logit_bias,
+                vocab_size=self._vocab,
+            ),
+            stop_ids=frozenset(self.manifest.special_tokens.eos_token_ids)
+            | frozenset(opts.stop_token_ids),
+            deadline=Deadline(opts.deadline_s),
+        )
+
     # ------------------------------------------------------------- layer 1: tokens
     def generate_tokens(
         self, prompt_ids: Sequence[int], options: GenerationOptions | None = None, **overrides: Any
@@ -260,70 +300,27 @@ class TextGenerator:
     def _tokens(
         self, prompt_ids: Sequence[int], options: GenerationOptions, stats: _RunStats
     ) -> Iterator[TokenStep]:
-        opts = self._resolve(options)
-        ids, budget = self._fit_context(list(prompt_ids), opts)
+        decoding = self._decoding(options)
+        ids, budget = self._fit_context(list(prompt_ids), decoding.options)
         stats.prompt_ids = ids
-        for token_id in opts.stop_token_ids:
-            if not 0 <= token_id < self._vocab:
-                raise InvalidArgumentError(
-                    f"stop token id {token_id} outside the vocabulary [0, {self._vocab})"
-                )
-        sampler = make_sampler(
-            temperature=float(opts.temperature or 0.0),
-            top_k=int(opts.top_k or 0),
-            top_p=float(opts.top_p or 1.0),
-            min_p=float(opts.min_p or 0.0),
-            typical_p=float(opts.typical_p or 1.0),
-        )
-        processors = make_logits_processors(
-            repetition_penalty=float(opts.repetition_penalty or 1.0),
-            frequency_penalty=opts.frequency_penalty,
-            presence_penalty=opts.presence_penalty,
-            no_repeat_ngram_size=opts.no_repeat_ngram_size,
-            logit_bias=opts.logit_bias,
-            vocab_size=self._vocab,
-        )
-        if opts.logprobs < 0:
-            raise InvalidArgumentError(f"logprobs must be >= 0, got {opts.logprobs}")
-        rng = np.random.default_rng(opts.seed)
-        stop_ids = set(self.manifest.special_tokens.eos_token_ids) | set(opts.stop_token_ids)
-        deadline = Deadline(opts.deadline_s)
-
+        row = _Row(decoding, ids, budget, self.tokenizer)
         prompt = np.asarray([ids], dtype=np.int64)  # [1, prompt_len]
         cache = self._reusable_cache(prompt)
         stats.reused_prompt_tokens = cache.length
         self._cache = None  # a failure mid-way must not leave a half-updated cache behind
         logits, cache = self.model.forward(prompt[:, cache.length :], cache)
-        history = list(ids)
-        generated: list[int] = []
-        for step in range(budget):
-            row = logits[0]  # [vocab]
-            for process in processors:
-                row = process(
-                    np.asarray(history, dtype=np.int64), np.asarray(generated, dtype=np.int64), row
-                )
-            token = sampler(row, rng)
+        while True:
+            step = row.sample(logits[0])
             if stats.first_token_at is None:
                 stats.first_token_at = time.perf_counter()
-            logprob, alternatives = top_logprobs(row, token, opts.logprobs)
-            generated.append(token)
-            history.append(token)
-            reason: FinishReason | None = None
-            if token in stop_ids:
-                reason = FinishReason.STOP_TOKEN
-            elif step == budget - 1:
-                reason = FinishReason.LENGTH
-            elif deadline.expired():
-                reason = FinishReason.DEADLINE
-            if reason is not None:
-                self._cache = cache
-                yield TokenStep(token, logprob, alternatives, reason)
-                return
-            # Keep the cache usable for a caller that stops iterating early.
+            # The cache holds every token but the last sampled one: valid for reuse
+            # even if the caller stops iterating here.
             self._cache = cache
-            yield TokenStep(token, logprob, alternatives)
+            yield step
+            if step.finish_reason is not None:
+                return
             self._cache = None
-            logits, cache = self.model.forward(np.asarray([[token]], dtype=np.int64), cache)
+            logits, cache = self.model.forward(np.asarray([[step.token_id]], dtype=np.int64), cache)
 
     def _reusable_cache(self, prompt: np.ndarray) -> KVCache:
         """The previous cache cut to the prefix it shares with ``prompt`` (at least one
@@ -340,6 +337,61 @@ class TextGenerator:
         """Forget the cached prefix (the next call computes its prompt from scratch)."""
         self._cache = None
 
+    def save_prefix_cache(self, path: str | Path, prompt: str | Sequence[int]) -> Path:
+        """Compute the KV cache of ``prompt`` (e.g. a long fixed system prompt) and save it.
+
+        The file (``.npz``, arrays only, no pickle) records the token ids and the sha256
+        of the bundle's graph, so :meth:`load_prefix_cache` refuses it for another model.
+        Ship it beside the bundle and load it at start-up to skip that prefill.
+        """
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids or len(ids) >= self.manifest.context_length:
+            raise InvalidArgumentError(
+                f"a prefix must have 1 to {self.manifest.context_length - 1} tokens, got {len(ids)}"
+            )
+        _, cache = self.model.forward(np.asarray([ids], dtype=np.int64), self.model.empty_cache(1))
+        arrays: dict[str, Any] = {f"key_{i}": k for i, k in enumerate(cache.keys)}
+        arrays.update({f"value_{i}": v for i, v in enumerate(cache.values)})
+        path = Path(path)
+        with open(path, "wb") as fh:
+            np.savez(
+                fh,
+                tokens=cache.tokens,
+                model_sha256=np.asarray(self._model_sha256()),
+                **arrays,
+            )
+        self._cache = cache
+        return path
+
+    def load_prefix_cache(self, path: str | Path) -> int:
+        """Load a cache saved by :meth:`save_prefix_cache`; returns its length in tokens.
+
+        Raises:
+            BundleError: the file is not a prefix cache of this bundle's graph.
+        """
+        layers = self.model.io.num_layers
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if str(data["model_sha256"]) != self._model_sha256():
+                    raise BundleError(f"prefix cache {str(path)!r} was made for another model")
+                tokens = np.asarray(data["tokens"], dtype=np.int64)
+                keys = [np.asarray(data[f"key_{i}"]) for i in range(layers)]
+                values = [np.asarray(data[f"value_{i}"]) for i in range(layers)]
+        except (OSError, KeyError, ValueError) as exc:
+            raise BundleError(f"{str(path)!r} is not a valid prefix cache: {exc}") from None
+        expected = (1, self.model.io.num_kv_heads, tokens.shape[1], self.model.io.head_dim)
+        if tokens.shape[0] != 1 or any(a.shape != expected for a in keys + values):
+            raise BundleError(f"prefix cache {str(path)!r} has shapes that do not fit this model")
+        self._cache = KVCache(keys, values, tokens, np.ones_like(tokens))
+        return int(tokens.shape[1])
+
+    def _model_sha256(self) -> str:
+        from edge_slm.bundle import sha256_file
+
+        if self._graph_sha256 is None:
+            self._graph_sha256 = sha256_file(self.folder / self.manifest.files["model"])
+        return self._graph_sha256
+
     # --------------------------------------------------------------- layer 2: text
     def stream(
         self, prompt: str, options: GenerationOptions | None = None, **overrides: Any
@@ -355,31 +407,13 @@ class TextGenerator:
     def _stream_ids(
         self, prompt_ids: list[int], opts: GenerationOptions, stats: _RunStats
     ) -> Iterator[Chunk]:
-        detokenizer = StreamingDetokenizer(self.tokenizer)
-        matcher = StopStringMatcher(opts.stop) if opts.stop else None
-        pending: list[TokenStep] = []
+        text = _RowText(self.tokenizer, opts.stop)
         for step in self._tokens(prompt_ids, opts, stats):
-            pending.append(step)
-            piece = detokenizer.add_token(step.token_id)
-            if step.finish_reason is not None:
-                piece += detokenizer.finalize()
-            if matcher is not None:
-                result = matcher.push(piece)
-                if result.stopped:
-                    yield Chunk(
-                        result.text, tuple(pending), FinishReason.STOP_STRING, result.stop_string
-                    )
+            chunk = text.push(step)
+            if chunk is not None:
+                yield chunk
+                if chunk.finish_reason is not None:
                     return
-                piece = result.text
-                if step.finish_reason is not None:
-                    piece += matcher.flush()
-            if step.finish_reason is not None:
-                stop = step.token_id if step.finish_reason == FinishReason.STOP_TOKEN else None
-                yield Chunk(piece, tuple(pending), step.finish_reason, stop)
-                return
-            if piece:
-                yield Chunk(piece, tuple(pending))
-                pending = []
 
     # ------------------------------------------------------------ layer 3: result
     def generate(
@@ -395,10 +429,13 @@ class TextGenerator:
         options: GenerationOptions | None = None,
         **overrides: Any,
     ) -> GenerationResult:
-        """Answer a conversation (``[{"role": ..., "content": ...}, ...]``)."""
+        """Answer a conversation (``[{"role": ..., "content": ...}, ...]``).
+
+        In a multi-turn session, pass the whole conversation each time: the shared
+        prefix (earlier turns) is taken from the KV cache, not recomputed.
+        """
         opts = GenerationOptions.build(options, overrides)
-        ids = self.encode(self.render_chat(messages), add_special_tokens=False)
-        return self._collect(ids, opts)
+        return self._collect(self._chat_ids(messages), opts)
 
     def stream_chat(
         self,
@@ -408,8 +445,11 @@ class TextGenerator:
     ) -> Iterator[Chunk]:
         """Stream the answer to a conversation."""
         opts = GenerationOptions.build(options, overrides)
-        ids = self.encode(self.render_chat(messages), add_special_tokens=False)
-        yield from self._stream_ids(ids, opts, _RunStats())
+        yield from self._stream_ids(self._chat_ids(messages), opts, _RunStats())
+
+    def _chat_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        # The template already holds every special token: do not let the tokenizer add BOS.
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
 
     def _collect(self, prompt_ids: list[int], opts: GenerationOptions) -> GenerationResult:
         start = time.perf_counter()
@@ -423,21 +463,234 @@ class TextGenerator:
             last = chunk
         end = time.perf_counter()
         assert last is not None and last.finish_reason is not None
-        first = stats.first_token_at or end
-        timings = Timings(
-            load_s=self.load_s,
-            prompt_tokens=len(stats.prompt_ids),
-            reused_prompt_tokens=stats.reused_prompt_tokens,
-            prompt_s=first - start,
-            generated_tokens=len(steps),
-            decode_s=end - first,
-        )
-        return GenerationResult(
-            text="".join(texts),
-            token_ids=[step.token_id for step in steps],
-            prompt_token_ids=stats.prompt_ids,
-            finish_reason=last.finish_reason,
-            stop=last.stop,
-            timings=timings,
-            logprobs=steps if opts.logprobs else [],
-        )
+        return _result(last, texts, steps, stats, self.load_s, start, end, opts.logprobs > 0)
+
+    # ------------------------------------------------------------------ batches
+    def generate_batch(
+        self, prompts: Sequence[str], options: GenerationOptions | None = None, **overrides: Any
+    ) -> list[GenerationResult]:
+        """Generate for several prompts at once (left padding, one forward per step).
+
+        Each row stops on its own (stop token, stop string, length) and gets its own
+        finish reason. With a ``seed``, each row samples from its own generator seeded
+        with it, so a row's output does not depend on the other rows: for greedy
+        decoding (and for a given seed) the results equal one-by-one runs.
+        """
+        if isinstance(prompts, str) or not prompts:
+            raise InvalidArgumentError("prompts must be a non-empty list of strings")
+        opts = GenerationOptions.build(options, overrides)
+        start = time.perf_counter()
+        rows: list[_Row] = []
+        texts: list[_RowText] = []
+        for prompt in prompts:
+            decoding = self._decoding(opts)
+            ids, budget = self._fit_context(self.encode(prompt), decoding.options)
+            rows.append(_Row(decoding, ids, budget, self.tokenizer))
+            texts.append(_RowText(self.tokenizer, opts.stop))
+        width = max(len(r.prompt_ids) for r in rows)
+        pad = self.manifest.special_tokens.pad_token_id or 0
+        ids_array = np.full((len(rows), width), pad, dtype=np.int64)  # [B, width]
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids_array[i, width - len(row.prompt_ids) :] = row.prompt_ids
+            mask[i, width - len(row.prompt_ids) :] = 1
+        logits, cache = self.model.forward(ids_array, self.model.empty_cache(len(rows)), mask)
+        first_token_at = None
+        pieces: list[list[Chunk]] = [[] for _ in rows]
+        done = [False] * len(rows)
+        while True:
+            next_ids = np.full((len(rows), 1), pad, dtype=np.int64)
+            next_mask = np.zeros((len(rows), 1), dtype=np.int64)
+            for i, row in enumerate(rows):
+                if done[i]:
+                    continue
+                step = row.sample(logits[i])
+                chunk = texts[i].push(step)
+                if chunk is not None:
+                    pieces[i].append(chunk)
+                    done[i] = chunk.finish_reason is not None
+                next_ids[i, 0], next_mask[i, 0] = step.token_id, 0 if done[i] else 1
+            first_token_at = first_token_at or time.perf_counter()
+            if all(done):
+                break
+            logits, cache = self.model.forward(next_ids, cache, next_mask)
+        end = time.perf_counter()
+        results = []
+        for row, chunks in zip(rows, pieces, strict=True):
+            stats = _RunStats(prompt_ids=row.prompt_ids, first_token_at=first_token_at)
+            steps = [s for c in chunks for s in c.steps]
+            results.append(
+                _result(
+                    chunks[-1],
+                    [c.text for c in chunks],
+                    steps,
+                    stats,
+                    self.load_s,
+                    start,
+                    end,
+                    opts.logprobs > 0,
+                )
+            )
+        return results
+
+    # ---------------------------------------------------------- constrained choice
+    def choose(
+        self, prompt: str, options: Sequence[str], normalize: bool = False
+    ) -> list[tuple[str, float]]:
+        """Score each option as a continuation of ``prompt``; returns (option, probability).
+
+        The score of an option is the sum of its tokens' log-probabilities given the
+        prompt (``normalize=True`` divides it by the option's token count, which favours
+        long options less). Probabilities are the softmax of the scores over the options,
+        so they sum to 1: zero-shot classification with the generative model, e.g.
+        routing a kiosk request to one of a few intents. The option's tokens are those
+        that ``prompt + option`` adds to ``prompt``'s tokens.
+        """
+        if isinstance(options, str) or len(options) < 1:
+            raise InvalidArgumentError("options must be a non-empty list of strings")
+        context = self.encode(prompt)
+        if not context:
+            raise InvalidArgumentError("the prompt is empty (it encodes to no tokens)")
+        # The prompt but its last token goes in the cache once; each option then feeds
+        # that last token and its own tokens (but the last), whose logits predict it.
+        cache = self.model.empty_cache(1)
+        if len(context) > 1:
+            _, cache = self.model.forward(np.asarray([context[:-1]], dtype=np.int64), cache)
+        scores = []
+        for option in options:
+            full = self.encode(prompt + option)
+            if full[: len(context)] != context or len(full) == len(context):
+                raise InvalidArgumentError(
+                    f"option {option!r} adds no tokens after the prompt, or changes the "
+                    "prompt's tokens; start options with a space or end the prompt with one"
+                )
+            if len(full) > self.manifest.context_length:
+                raise ContextLengthError(f"prompt + option {option!r} exceeds the context")
+            new = np.asarray([full[len(context) - 1 : -1]], dtype=np.int64)
+            logits, _ = self.model.forward(new, cache, all_positions=True)
+            targets = np.asarray(full[len(context) :])
+            logp = _log_softmax(logits[0])[np.arange(len(targets)), targets]
+            total = float(logp.sum())
+            scores.append(total / len(targets) if normalize else total)
+        values = np.asarray(scores)
+        probs = np.exp(values - values.max())
+        probs /= probs.sum()
+        return [(option, float(p)) for option, p in zip(options, probs, strict=True)]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 ``[..., vocab]``."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return np.asarray(x - np.log(np.exp(x).sum(axis=-1, keepdims=True)))
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    """Everything one call samples with, built once from resolved options."""
+
+    options: GenerationOptions
+    sampler: Sampler
+    processors: list[LogitsProcessor]
+    stop_ids: frozenset[int]
+    deadline: Deadline
+
+
+class _Row:
+    """One sequence's sampling state: history, generated tokens, RNG, limits."""
+
+    def __init__(
+        self, decoding: _Decoding, prompt_ids: list[int], budget: int, tokenizer: Tokenizer
+    ) -> None:
+        self.decoding = decoding
+        self.prompt_ids = prompt_ids
+        self.budget = budget
+        self.history = list(prompt_ids)
+        self.generated: list[int] = []
+        self.rng = np.random.default_rng(decoding.options.seed)
+
+    def sample(self, logits: np.ndarray) -> TokenStep:
+        """Process ``logits`` ``[vocab]``, draw a token and say whether the row is done."""
+        d = self.decoding
+        row = logits
+        if d.processors:
+            history = np.asarray(self.history, dtype=np.int64)
+            generated = np.asarray(self.generated, dtype=np.int64)
+            for process in d.processors:
+                row = process(history, generated, row)
+        token = d.sampler(row, self.rng)
+        logprob, alternatives = top_logprobs(row, token, d.options.logprobs)
+        self.generated.append(token)
+        self.history.append(token)
+        reason: FinishReason | None = None
+        if token in d.stop_ids:
+            reason = FinishReason.STOP_TOKEN
+        elif len(self.generated) >= self.budget:
+            reason = FinishReason.LENGTH
+        elif d.deadline.expired():
+            reason = FinishReason.DEADLINE
+        return TokenStep(token, logprob, alternatives, reason)
+
+
+class _RowText:
+    """One sequence's text: streaming detokenizer, then stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+        self.detokenizer = StreamingDetokenizer(tokenizer)
+        self.matcher = StopStringMatcher(stop) if stop else None
+        self.pending: list[TokenStep] = []
+
+    def push(self, step: TokenStep) -> Chunk | None:
+        """Add a token; returns a chunk when there is text to show or the row finished."""
+        self.pending.append(step)
+        piece = self.detokenizer.add_token(step.token_id)
+        finished = step.finish_reason is not None
+        if finished:
+            piece += self.detokenizer.finalize()
+        if self.matcher is not None:
+            result = self.matcher.push(piece)
+            if result.stopped:
+                return Chunk(
+                    result.text, self._take(), FinishReason.STOP_STRING, result.stop_string
+                )
+            piece = result.text + (self.matcher.flush() if finished else "")
+        if finished:
+            stop = step.token_id if step.finish_reason == FinishReason.STOP_TOKEN else None
+            return Chunk(piece, self._take(), step.finish_reason, stop)
+        return Chunk(piece, self._take()) if piece else None
+
+    def _take(self) -> tuple[TokenStep, ...]:
+        steps, self.pending = tuple(self.pending), []
+        return steps
+
+
+def _result(
+    last: Chunk,
+    texts: list[str],
+    steps: list[TokenStep],
+    stats: _RunStats,
+    load_s: float,
+    start: float,
+    end: float,
+    keep_logprobs: bool,
+) -> GenerationResult:
+    """Assemble a finished generation from its chunks and measurements."""
+    assert last.finish_reason is not None
+    first = stats.first_token_at or end
+    timings = Timings(
+        load_s=load_s,
+        prompt_tokens=len(stats.prompt_ids),
+        reused_prompt_tokens=stats.reused_prompt_tokens,
+        prompt_s=first - start,
+        generated_tokens=len(steps),
+        decode_s=end - first,
+    )
+    return GenerationResult(
+        text="".join(texts),
+        token_ids=[step.token_id for step in steps],
+        prompt_token_ids=stats.prompt_ids,
+        finish_reason=last.finish_reason,
+        stop=last.stop,
+        timings=timings,
+        logprobs=steps if keep_logprobs else [],
+    )

@@ -280,9 +280,14 @@ def apply_temperature(logits: FloatArray, temperature: float) -> FloatArray:
         for the dtype become +-inf).
     """
     t = _check_number(
-        "temperature", temperature, 0.0, math.inf, low_open=True, high_open=True,
+        "temperature",
+        temperature,
+        0.0,
+        math.inf,
+        low_open=True,
+        high_open=True,
         note=" (for greedy decoding use make_sampler(temperature=0))",
-    )  # fmt: skip
+    )
     return _temperature(_as_logits(logits, need_finite=False), t)
 
 
@@ -737,9 +742,14 @@ def make_logits_processors(
         InvalidArgumentError: a parameter is outside its range.
     """
     rep = _check_number(
-        "repetition_penalty", repetition_penalty, 0.0, math.inf,
-        low_open=True, high_open=True, note=" (1 disables it)",
-    )  # fmt: skip
+        "repetition_penalty",
+        repetition_penalty,
+        0.0,
+        math.inf,
+        low_open=True,
+        high_open=True,
+        note=" (1 disables it)",
+    )
     freq = _check_number("frequency_penalty", frequency_penalty, -2.0, 2.0, note=" (0 disables it)")
     pres = _check_number("presence_penalty", presence_penalty, -2.0, 2.0, note=" (0 disables it)")
     ngram = _check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0, " (0 disables it)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,3 +29,11 @@ def bundles(
 
     root = tmp_path_factory.mktemp("bundles")
     return {family: export_decoder(str(path), root / family) for family, path in hf_models.items()}
+
+
+@pytest.fixture(scope="session")
+def generators(bundles: dict[str, Path]) -> dict[str, Any]:
+    """family -> edge_slm.TextGenerator over the fp32 bundle."""
+    import edge_slm
+
+    return {family: edge_slm.load(path) for family, path in bundles.items()}

@@ -38,11 +38,6 @@ def reference_greedy(hf_dir: Path, prompt_ids: list[int], max_new_tokens: int) -
     return [int(t) for t in out[0, len(prompt_ids) :]]
 
 
-@pytest.fixture(scope="module")
-def generators(bundles: dict[str, Path]) -> dict[str, edge_slm.TextGenerator]:
-    return {family: edge_slm.load(path) for family, path in bundles.items()}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_transformers_token_for_token(
     family: str, generators: dict[str, Any], hf_models: dict[str, Path]

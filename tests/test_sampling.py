@@ -372,9 +372,16 @@ HF_NAMES = {
 
 def test_documented_order_is_the_order_of_transformers_generate() -> None:
     processors = hf_generate_processors(
-        do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, typical_p=0.95,
-        repetition_penalty=1.3, no_repeat_ngram_size=2, sequence_bias={(3,): 1.0},
-    )  # fmt: skip
+        do_sample=True,
+        temperature=0.7,
+        top_k=5,
+        top_p=0.9,
+        min_p=0.1,
+        typical_p=0.95,
+        repetition_penalty=1.3,
+        no_repeat_ngram_size=2,
+        sequence_bias={(3,): 1.0},
+    )
     names = [HF_NAMES[type(p).__name__] for p in processors]
     ours = [name for name in (*PROCESSOR_ORDER, *FILTER_ORDER) if name in names]
     assert names == ours
@@ -421,10 +428,16 @@ def test_whole_chain_matches_transformers_generate(
     ours = make_logits_filter(temperature, top_k, top_p, min_p, typical_p)(processed)
 
     hf = hf_generate_processors(
-        do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p or None, typical_p=typical_p, repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=ngram, sequence_bias=None if bias is None else {(bias[0],): bias[1]},
-    )  # fmt: skip
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p or None,
+        typical_p=typical_p,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=ngram,
+        sequence_bias=None if bias is None else {(bias[0],): bias[1]},
+    )
     theirs = hf(torch.from_numpy(history)[None, :], torch.from_numpy(row)[None, :])[0].numpy()
     exact_ties = top_p >= 1.0 or row.shape[0] <= 16
     assert_same_filtering(ours, theirs, processed, exact_ties)
@@ -517,9 +530,12 @@ def test_processors_are_only_the_active_ones_in_documented_order() -> None:
     assert make_logits_processors() == []
     assert make_logits_processors(logit_bias={}) == []
     processors = make_logits_processors(
-        repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.0,
-        no_repeat_ngram_size=2, logit_bias={0: -3.0},
-    )  # fmt: skip
+        repetition_penalty=2.0,
+        frequency_penalty=0.5,
+        presence_penalty=0.0,
+        no_repeat_ngram_size=2,
+        logit_bias={0: -3.0},
+    )
     assert [p.__name__ for p in processors] == [
         "bias",
         "repetition",
