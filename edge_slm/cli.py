@@ -55,6 +55,25 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--truncate-prompt", action="store_true", help="drop the oldest prompt tokens if too long"
     )
+    parser.add_argument(
+        "--stop-token-id", type=int, action="append", default=[], dest="stop_token_ids"
+    )
+    parser.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS to token ID's logit (repeatable; -inf bans it)",
+    )
+    parser.add_argument("--logprobs", type=int, default=0, help="report N alternatives per token")
+    parser.add_argument(
+        "--choose",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="score these answers instead of generating (repeatable): prints a probability each",
+    )
+    parser.add_argument("--prefix-cache", type=Path, help="a saved prefix cache to start from")
     parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all CPUs)")
     parser.add_argument("--system", help="system prompt (chat only)")
     parser.add_argument("--no-stream", action="store_true", help="print the answer at the end")
@@ -75,47 +94,88 @@ _OPTION_FIELDS = (
     "seed",
     "deadline_s",
     "truncate_prompt",
+    "logprobs",
 )
 
 
+def _logit_bias(items: Sequence[str]) -> dict[int, float] | None:
+    """Parse ``ID=BIAS`` pairs."""
+    from edge_slm.errors import InvalidArgumentError
+
+    bias = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"--logit-bias takes ID=BIAS (e.g. 42=-inf), got {item!r}"
+            ) from None
+        if not sep:
+            raise InvalidArgumentError(f"--logit-bias takes ID=BIAS, got {item!r}")
+    return bias or None
+
+
+def _result_json(result: Any) -> str:
+    t = result.timings
+    data = {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": str(result.finish_reason),
+        "stop": result.stop,
+        "timings": {
+            "load_s": t.load_s,
+            "time_to_first_token_s": t.time_to_first_token_s,
+            "prompt_tokens": t.prompt_tokens,
+            "reused_prompt_tokens": t.reused_prompt_tokens,
+            "prompt_tokens_per_s": t.prompt_tokens_per_s,
+            "generated_tokens": t.generated_tokens,
+            "decode_tokens_per_s": t.decode_tokens_per_s,
+        },
+    }
+    if result.logprobs:
+        data["logprobs"] = [
+            {
+                "token_id": s.token_id,
+                "logprob": s.logprob,
+                "top": [[alt.token_id, alt.logprob] for alt in s.top_logprobs],
+            }
+            for s in result.logprobs
+        ]
+    return json.dumps(data, ensure_ascii=False)
+
+
 def _run_generation(args: argparse.Namespace, chat: bool) -> int:
-    from edge_slm import load
+    from edge_slm import TextGenerator, load
+    from edge_slm.errors import InvalidArgumentError
 
     model = load(args.bundle, threads=args.threads)
+    if not isinstance(model, TextGenerator):
+        raise InvalidArgumentError(
+            f"bundle {str(args.bundle)!r} is a {model.manifest.task} bundle and cannot "
+            "generate; use 'edge-slm classify' or 'edge-slm embed'"
+        )
     options = {name: getattr(args, name) for name in _OPTION_FIELDS}
     options["stop"] = tuple(args.stop)
+    options["stop_token_ids"] = tuple(args.stop_token_ids)
+    options["logit_bias"] = _logit_bias(args.logit_bias)
+    if args.prefix_cache:
+        model.load_prefix_cache(args.prefix_cache)
+    prompt = args.prompt
     if chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
-    if args.json or args.no_stream:
-        result = model.chat(messages, **options) if chat else model.generate(args.prompt, **options)
-        if args.json:
-            t = result.timings
-            print(
-                json.dumps(
-                    {
-                        "text": result.text,
-                        "token_ids": result.token_ids,
-                        "finish_reason": str(result.finish_reason),
-                        "stop": result.stop,
-                        "timings": {
-                            "load_s": t.load_s,
-                            "time_to_first_token_s": t.time_to_first_token_s,
-                            "prompt_tokens": t.prompt_tokens,
-                            "prompt_tokens_per_s": t.prompt_tokens_per_s,
-                            "generated_tokens": t.generated_tokens,
-                            "decode_tokens_per_s": t.decode_tokens_per_s,
-                        },
-                    },
-                    ensure_ascii=False,
-                )
-            )
-        else:
-            print(result.text)
+        prompt = model.render_chat(messages)
+    if args.choose:
+        scores = model.choose(prompt, args.choose)
+        for option, probability in scores:
+            print(json.dumps({"option": option, "probability": probability}, ensure_ascii=False))
         return 0
-    chunks = (
-        model.stream_chat(messages, **options) if chat else model.stream(args.prompt, **options)
-    )
+    if args.json or args.no_stream:
+        result = model.chat(messages, **options) if chat else model.generate(prompt, **options)
+        print(_result_json(result) if args.json else result.text)
+        return 0
+    chunks = model.stream_chat(messages, **options) if chat else model.stream(prompt, **options)
     reason = None
     for chunk in chunks:
         sys.stdout.write(chunk.text)
@@ -147,7 +207,32 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a bundle's manifest after checking it")
     info.add_argument("bundle", type=Path)
     info.add_argument("--no-verify", action="store_true", help="skip the checksum check")
+    bench = sub.add_parser("bench", help="measure load, first-token, tokens/s, memory, bandwidth")
+    bench.add_argument("bundle", type=Path)
+    bench.add_argument("--prompt-tokens", type=int, default=32)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--threads", type=int, help="onnxruntime threads (default: all CPUs)")
+    bench.add_argument("--no-spinning", action="store_true", help="idle threads do not spin")
+    bench.add_argument("--verify", action="store_true", help="count checksum checks in load")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from edge_slm.bench import format_result, run_bench
+
+    result = run_bench(
+        args.bundle,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+        spinning=False if args.no_spinning else None,
+        verify=args.verify,
+    )
+    print(json.dumps(result.to_dict()) if args.json else format_result(result))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("generate", "chat"):
             return _run_generation(args, chat=args.command == "chat")
+        if args.command == "bench":
+            return _run_bench(args)
         return _run_info(args)
     except EdgeSlmError as exc:
         print(f"edge-slm: error: {exc}", file=sys.stderr)

@@ -73,6 +73,8 @@ def main() -> int:
 
     import edge_slm
 
+    int8 = edge_slm.load(bundles["int8"], verify=False).manifest.quantization
+    fp32_perplexity = int8.perplexity_before
     rows = []
     messages = [{"role": "user", "content": QUESTION}]
     print(f"\nQ: {QUESTION}")
@@ -81,18 +83,8 @@ def main() -> int:
         result = model.chat(messages, max_new_tokens=64)
         t = result.timings
         q = model.manifest.quantization
-        ppl = q.perplexity_after if q.method != "none" else q.perplexity_before
-        if ppl is None and name == "fp32":
-            ppl = next(
-                (
-                    m.quantization.perplexity_before
-                    for m in (
-                        edge_slm.load(f, verify=False).manifest for f in list(bundles.values())[1:]
-                    )
-                    if m.quantization.perplexity_before is not None
-                ),
-                None,
-            )
+        # A quantized bundle records its fp32 source's perplexity as "before".
+        ppl = q.perplexity_after if q.method != "none" else fp32_perplexity
         print(f"A ({name}): {result.text.strip()}")
         rows.append(
             (

@@ -55,3 +55,32 @@ def test_export_through_the_cli(hf_models: dict[str, Path], tmp_path: Path) -> N
     assert (out / "manifest.json").is_file()
     # A non-empty output folder is not overwritten without --overwrite.
     assert main(["export", str(hf_models["llama"]), str(out)]) == 2
+
+
+def test_generate_with_the_kiosk_options(
+    bundles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import edge_slm
+
+    bundle = str(bundles["llama"])
+    cache = edge_slm.load(bundle).save_prefix_cache(tmp_path / "p.npz", "You are a kiosk.")
+    args = ["generate", bundle, "You are a kiosk. Hello", "--json", "--temperature", "0"]
+    args += ["--max-new-tokens", "6", "--logprobs", "2", "--prefix-cache", str(cache)]
+    args += ["--logit-bias", "5=-inf", "--stop-token-id", "7", "--stop", "zzz"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["timings"]["reused_prompt_tokens"] > 0
+    assert len(result["logprobs"]) == len(result["token_ids"])
+    assert 5 not in result["token_ids"]
+    assert main(["generate", bundle, "Hi", "--logit-bias", "five"]) == 2
+    assert "ID=BIAS" in capsys.readouterr().err
+
+
+def test_choose_prints_one_probability_per_option(
+    bundles: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["chat", str(bundles["qwen2"]), "Where is platform 4?"]
+    assert main([*args, "--choose", "tickets", "--choose", "directions"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["option"] for line in lines] == ["tickets", "directions"]
+    assert abs(sum(line["probability"] for line in lines) - 1) < 1e-6
