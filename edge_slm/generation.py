@@ -27,6 +27,7 @@ from edge_slm.chat import ChatFormat, render_chat
 from edge_slm.decoder import DecoderModel, KVCache
 from edge_slm.detokenizer import StreamingDetokenizer
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
+from edge_slm.fused import FusedDecoderModel
 from edge_slm.sampling import (
     LogitsProcessor,
     Sampler,
@@ -169,7 +170,8 @@ class TextGenerator:
         assert manifest.decoder is not None  # guaranteed by Manifest validation
         self.folder = folder
         self.manifest = manifest
-        self.model = DecoderModel(
+        model_class = FusedDecoderModel if manifest.decoder.layout == "gqa-shared" else DecoderModel
+        self.model = model_class(
             folder / manifest.files["model"], manifest.decoder, threads, spinning
         )
         self.tokenizer: Tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
@@ -337,14 +339,27 @@ class TextGenerator:
         """Forget the cached prefix (the next call computes its prompt from scratch)."""
         self._cache = None
 
-    def save_prefix_cache(self, path: str | Path, prompt: str | Sequence[int]) -> Path:
-        """Compute the KV cache of ``prompt`` (e.g. a long fixed system prompt) and save it.
+    def save_prefix_cache(
+        self,
+        path: str | Path,
+        prefix: str | Sequence[int] | Sequence[Mapping[str, str]],
+    ) -> Path:
+        """Compute the KV cache of ``prefix`` (e.g. a long fixed system prompt) and save it.
 
-        The file (``.npz``, arrays only, no pickle) records the token ids and the sha256
-        of the bundle's graph, so :meth:`load_prefix_cache` refuses it for another model.
-        Ship it beside the bundle and load it at start-up to skip that prefill.
+        ``prefix`` is prompt text (encoded as :meth:`generate` encodes prompts), token
+        ids, or chat messages such as ``[{"role": "system", "content": ...}]`` (rendered
+        and encoded as :meth:`chat` does, without the generation prompt). The file
+        (``.npz``, arrays only, no pickle) records the token ids and the sha256 of the
+        bundle's graph, so :meth:`load_prefix_cache` refuses it for another model. Ship
+        it beside the bundle and load it at start-up to skip that prefill.
         """
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(prefix, str):
+            ids = self.encode(prefix)
+        elif prefix and isinstance(prefix[0], Mapping):
+            messages = [dict(m) for m in prefix if isinstance(m, Mapping)]
+            ids = self.encode(self.render_chat(messages, add_generation_prompt=False), False)
+        else:
+            ids = [int(t) for t in prefix if not isinstance(t, Mapping)]
         if not ids or len(ids) >= self.manifest.context_length:
             raise InvalidArgumentError(
                 f"a prefix must have 1 to {self.manifest.context_length - 1} tokens, got {len(ids)}"

@@ -32,6 +32,10 @@ penalty and the n-gram ban look at the whole history, prompt included, as transf
 does for decoder-only models; the frequency and presence penalties count generated
 tokens only, as OpenAI's API does.
 
+Top-p and typical-p sort only the tokens that can survive (a head found with
+``np.partition``, grown as needed), and every filter skips tokens already at -inf, so a
+step stays cheap on large vocabularies after top-k.
+
 Randomness is explicit: a sampler takes an ``np.random.Generator`` and draws exactly
 one ``rng.random()`` per sampled token, so the same seed gives the same tokens.
 Softmax, cumulative sums and the draw are computed in float64.
@@ -93,6 +97,7 @@ PROCESSOR_ORDER = (
 """The order of the processors returned by :func:`make_logits_processors`."""
 
 _NEG_INF = -np.inf
+_FIRST_HEAD = 32  # how many tokens top-p and typical-p sort first (the head grows x4)
 
 
 class TokenLogprob(NamedTuple):
@@ -206,18 +211,48 @@ def _masked(row: FloatArray, remove: npt.NDArray[np.bool_]) -> FloatArray:
     return out
 
 
-def _softmax64(row: FloatArray) -> npt.NDArray[np.float64]:
-    """Softmax in float64; -inf logits get probability 0."""
-    x = row.astype(np.float64)  # [vocab]
-    weights = np.exp(x - x.max())
+def _finite(row: FloatArray) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+    """Ids (ascending) and float64 values of the logits that are not -inf.
+
+    Removed tokens never change a filter's decision or a draw (their probability is 0
+    and they stay at -inf), so the kernels work on these only; it also spares
+    ``np.exp`` its slow path for -inf.
+    """
+    finite = row > _NEG_INF  # [vocab]
+    if finite.all():
+        return np.arange(row.shape[0]), row.astype(np.float64)
+    ids = np.flatnonzero(finite)  # [n_finite]
+    return ids, row[ids].astype(np.float64)
+
+
+def _softmax(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Softmax of finite float64 values."""
+    weights = np.exp(values - values.max())
     return weights / weights.sum()  # type: ignore[no-any-return]
+
+
+def _without(
+    row: FloatArray, ids: npt.NDArray[np.intp], remove: npt.NDArray[np.bool_]
+) -> FloatArray:
+    """A copy of ``row`` with the tokens ``ids[remove]`` set to -inf."""
+    out = np.copy(row)
+    out[ids[remove]] = _NEG_INF
+    return out
+
+
+def _smallest(keys: npt.NDArray[np.float64], count: int) -> npt.NDArray[np.intp]:
+    """Positions (ascending) of the ``count`` smallest keys and of every key tied with
+    the largest of them."""
+    cut = np.partition(keys, count - 1)[count - 1]
+    return np.flatnonzero(keys <= cut)
 
 
 # ------------------------------------------------------------------ filter kernels
 # The private kernels assume checked arguments; the public functions check, then call them.
 def _temperature(row: FloatArray, temperature: float) -> FloatArray:
     with np.errstate(over="ignore"):
-        return (row.astype(np.float64) / temperature).astype(row.dtype)
+        scaled = row.astype(np.float64, copy=False) / temperature
+        return scaled.astype(row.dtype, copy=False)
 
 
 def _top_k(row: FloatArray, top_k: int) -> FloatArray:
@@ -231,39 +266,69 @@ def _top_k(row: FloatArray, top_k: int) -> FloatArray:
 def _top_p(row: FloatArray, top_p: float) -> FloatArray:
     if top_p >= 1.0:
         return np.copy(row)
-    order = np.argsort(row, kind="stable")  # [vocab] ascending; equal logits by token id
-    cumulative = np.cumsum(_softmax64(row[order]))  # [vocab]
-    remove_sorted = cumulative <= 1.0 - top_p
-    remove_sorted[-1] = False  # min_tokens_to_keep=1: the most likely token stays
-    out = np.copy(row)
-    out[order[remove_sorted]] = _NEG_INF
-    return out
+    ids, values = _finite(row)  # [n]
+    probs = _softmax(values)
+    n = values.shape[0]
+    threshold = 1.0 - top_p
+    # Only likely tokens can survive, so only they are sorted: a head of the most likely
+    # tokens (ties with the least of them included) is grown until the rest hold less
+    # than 1 - top_p of the mass; each of the rest then has a cumulative probability
+    # below 1 - top_p and goes. Small or flat rows fall back to sorting everything.
+    head, tail_mass = np.arange(n), 0.0
+    count = _FIRST_HEAD
+    while 2 * count < n:
+        candidate = _smallest(-values, count)
+        rest = np.ones(n, dtype=bool)
+        rest[candidate] = False
+        mass = float(probs[rest].sum())
+        if mass <= threshold * (1.0 - 1e-9):
+            head, tail_mass = candidate, mass
+            break
+        count *= 4
+    order = head[np.argsort(values[head], kind="stable")]  # ascending; equal logits by token id
+    keep_sorted = tail_mass + np.cumsum(probs[order]) > threshold
+    keep_sorted[-1] = True  # min_tokens_to_keep=1: the most likely token stays
+    remove = np.ones(n, dtype=bool)  # tokens outside the head go
+    remove[order[keep_sorted]] = False
+    return _without(row, ids, remove)
 
 
 def _min_p(row: FloatArray, min_p: float) -> FloatArray:
     if min_p <= 0.0:
         return np.copy(row)
-    probs = _softmax64(row)  # [vocab]
+    ids, values = _finite(row)
+    probs = _softmax(values)
     # probs.max() < min_p * probs.max() is false for min_p <= 1: the top token always stays.
-    return _masked(row, probs < min_p * probs.max())
+    return _without(row, ids, probs < min_p * probs.max())
 
 
 def _typical_p(row: FloatArray, typical_p: float) -> FloatArray:
     if typical_p >= 1.0:
         return np.copy(row)
-    vocab = row.shape[0]
-    logp = log_softmax(row)  # [vocab] float64
-    probs = np.exp(logp)
-    finite = np.isfinite(logp)
-    entropy = -float(np.sum(logp[finite] * probs[finite]))
-    with np.errstate(invalid="ignore"):
-        shifted = np.abs(-logp - entropy)  # [vocab]; inf for removed tokens
-    order = np.argsort(shifted, kind="stable")  # most typical first
-    cumulative = np.cumsum(_softmax64(row[order]))  # as transformers: softmax of the sorted logits
-    last = min(int(np.count_nonzero(cumulative < typical_p)), vocab - 1)
-    remove = shifted > shifted[order[last]]
+    ids, values = _finite(row)  # [n]
+    n = values.shape[0]
+    shifted_values = values - values.max()
+    weights = np.exp(shifted_values)
+    logp = shifted_values - np.log(weights.sum())  # log_softmax
+    probs = weights / weights.sum()
+    entropy = -float(np.sum(logp * np.exp(logp)))
+    typicality = np.abs(-logp - entropy)  # [n], smaller is more typical
+    # Sorting by typicality (ties by token id) is only needed up to where the mass
+    # reaches typical_p: a head of the most typical tokens, grown until it does, is an
+    # exact prefix of the full order. Small rows sort everything.
+    count = _FIRST_HEAD
+    while True:
+        whole = 2 * count >= n
+        head = np.arange(n) if whole else _smallest(typicality, count)
+        order = head[np.argsort(typicality[head], kind="stable")]  # most typical first
+        last = int(np.count_nonzero(np.cumsum(probs[order]) < typical_p))
+        if whole or last < order.shape[0]:
+            break
+        count *= 4
+    last = min(last, order.shape[0] - 1)
+    remove = typicality > typicality[order[last]]  # tokens tied with the last kept stay
     remove[order[0]] = False  # min_tokens_to_keep=1
-    return _masked(row, remove)
+    return _without(row, ids, remove)
 
 
 # ------------------------------------------------------------------- public filters
@@ -536,9 +601,12 @@ def log_softmax(logits: FloatArray) -> npt.NDArray[np.float64]:
     Returns:
         ``[vocab]`` float64 natural-log probabilities (-inf for removed tokens).
     """
-    row = _as_logits(logits).astype(np.float64)
-    shifted = row - row.max()
-    return shifted - np.log(np.exp(shifted).sum())  # type: ignore[no-any-return]
+    row = _as_logits(logits)
+    ids, values = _finite(row)
+    shifted = values - values.max()
+    out = np.full(row.shape[0], _NEG_INF)
+    out[ids] = shifted - np.log(np.exp(shifted).sum())
+    return out
 
 
 def top_logprobs(
@@ -589,13 +657,13 @@ def sample_categorical(logits: FloatArray, rng: np.random.Generator) -> int:
 
 
 def _draw(row: FloatArray, rng: np.random.Generator) -> int:
-    x = row.astype(np.float64)  # [vocab]
-    weights = np.exp(x - x.max())  # [vocab], 0 for removed tokens
-    cdf = np.cumsum(weights)  # [vocab]
+    ids, values = _finite(row)  # [n]
+    weights = np.exp(values - values.max())  # [n]
+    cdf = np.cumsum(weights)  # [n]
     index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     if index >= cdf.shape[0]:  # only reachable through rounding: the last possible token
         index = int(np.flatnonzero(weights)[-1])
-    return index
+    return int(ids[index])
 
 
 def _check_filters(

@@ -249,6 +249,30 @@ def test_typical_p_matches_transformers(row: np.ndarray, typical_p: float) -> No
     )
 
 
+@st.composite
+def peaked_rows(draw: st.DrawFn) -> np.ndarray:
+    """LM-like float32 rows over a large vocabulary: a few strong tokens, a long tail."""
+    vocab = draw(st.integers(500, 5000))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    row = rng.gumbel(size=vocab) * draw(st.sampled_from([0.5, 1.5, 3.0]))
+    row[rng.integers(0, vocab, draw(st.integers(1, 40)))] += draw(st.sampled_from([2.0, 6.0, 12.0]))
+    return row.astype(np.float32)
+
+
+@settings(PROPERTY, max_examples=40)
+@given(row=peaked_rows(), top_p=unit_interval_open, typical_p=unit_interval_open)
+def test_top_p_and_typical_p_match_transformers_on_large_vocabularies(
+    row: np.ndarray, top_p: float, typical_p: float
+) -> None:
+    # Here only the likeliest / most typical tokens get sorted (see _top_p, _typical_p).
+    check_filter_against(
+        apply_top_p(row, top_p), lambda: TopPLogitsWarper(top_p), row, exact_ties=False
+    )
+    check_filter_against(
+        apply_typical_p(row, typical_p), lambda: TypicalLogitsWarper(typical_p), row
+    )
+
+
 def test_top_k_keeps_ties_with_the_kth_value() -> None:
     row = np.array([1.0, 3.0, 2.0, 2.0, 0.0], dtype=np.float32)
     np.testing.assert_array_equal(kept(apply_top_k(row, 2)), [False, True, True, True, False])
@@ -392,7 +416,7 @@ def test_documented_order_is_the_order_of_transformers_generate() -> None:
     )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(PROPERTY, max_examples=80)
 @given(
     data=rows_and_history(max_len=20, alphabet=6),
     temperature=st.sampled_from([0.3, 0.7, 1.0, 1.5]),
