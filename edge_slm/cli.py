@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("generate", "complete a prompt"), ("chat", "answer one chat message")):
         gen = sub.add_parser(name, help=help_text)
         _add_generation_arguments(gen)
+    from edge_slm.cli_encoders import add_encoder_commands
+
+    add_encoder_commands(sub)  # classify, embed
     info = sub.add_parser("info", help="print a bundle's manifest after checking it")
     info.add_argument("bundle", type=Path)
     info.add_argument("--no-verify", action="store_true", help="skip the checksum check")
@@ -250,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_generation(args, chat=args.command == "chat")
         if args.command == "bench":
             return _run_bench(args)
+        if args.command in ("classify", "embed"):
+            from edge_slm.cli_encoders import run_encoder_command
+
+            return run_encoder_command(args)
         return _run_info(args)
     except EdgeSlmError as exc:
         print(f"edge-slm: error: {exc}", file=sys.stderr)

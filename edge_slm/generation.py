@@ -24,10 +24,10 @@ from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest
 from edge_slm.chat import ChatFormat, render_chat
-from edge_slm.decoder import DecoderModel, KVCache
+from edge_slm.decoder import KVCache
 from edge_slm.detokenizer import StreamingDetokenizer
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
-from edge_slm.fused import FusedDecoderModel
+from edge_slm.fused import open_decoder
 from edge_slm.sampling import (
     LogitsProcessor,
     Sampler,
@@ -170,8 +170,7 @@ class TextGenerator:
         assert manifest.decoder is not None  # guaranteed by Manifest validation
         self.folder = folder
         self.manifest = manifest
-        model_class = FusedDecoderModel if manifest.decoder.layout == "gqa-shared" else DecoderModel
-        self.model = model_class(
+        self.model = open_decoder(
             folder / manifest.files["model"], manifest.decoder, threads, spinning
         )
         self.tokenizer: Tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from edge_slm.errors import EdgeSlmError
 from export.decoder import DEFAULT_TOLERANCE, ExportOptions, export_decoder
+from export.encoder import DEFAULT_TOLERANCE as ENCODER_TOLERANCE
+from export.encoder import ENCODER_TASKS, EncoderExportOptions, detect_task, export_encoder
 from export.progress import stderr_reporter
 
 
@@ -23,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"max |logit difference| ONNX vs torch (default {DEFAULT_TOLERANCE})",
     )
     parser.add_argument("--opset", type=int, help="ONNX opset (default: optimum's)")
+    parser.add_argument(
+        "--graph",
+        choices=("optimum", "fused"),
+        default="optimum",
+        help="optimum's plain graph, or the fused GroupQueryAttention graph (Llama, Qwen2)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument(
         "--quantize",
@@ -32,15 +40,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write OUT_DIR-METHOD quantized with METHOD (repeatable, e.g. int4, int8)",
     )
     parser.add_argument("--eval-text", type=Path, help="text file for perplexity before/after")
+    # Encoders (text-classification, feature-extraction); see export/encoder.py.
+    parser.add_argument(
+        "--task",
+        choices=("text-generation", *ENCODER_TASKS),
+        help="default: detected from the source's config.json (text-generation if unsure)",
+    )
+    parser.add_argument(
+        "--pooling", choices=("mean", "cls"), help="feature-extraction: override 1_Pooling"
+    )
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="feature-extraction: L2-normalise embeddings (default: as 2_Normalize says)",
+    )
+    parser.add_argument("--max-length", type=int, help="encoders: cap tokens per input")
 
 
 def run(args: argparse.Namespace) -> int:
     """Export, then quantize if asked; prints the bundle folders on stdout."""
+    task = args.task or detect_task(args.source)
+    if task in ENCODER_TASKS:
+        return _run_encoder(args, task)
     try:
         bundle = export_decoder(
             args.source,
             args.out_dir,
-            ExportOptions(tolerance=args.tolerance, opset=args.opset, overwrite=args.overwrite),
+            ExportOptions(
+                tolerance=args.tolerance,
+                opset=args.opset,
+                overwrite=args.overwrite,
+                graph=args.graph,
+            ),
             report=stderr_reporter,
         )
         print(bundle)
@@ -56,6 +88,43 @@ def run(args: argparse.Namespace) -> int:
                     eval_text=args.eval_text,
                     overwrite=args.overwrite,
                     report=stderr_reporter,
+                )
+                print(out)
+    except EdgeSlmError as exc:
+        print(f"edge-slm export: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_encoder(args: argparse.Namespace, task: str) -> int:
+    """Export an encoder bundle, then quantize it with the encoder methods if asked.
+
+    The decoder's default ``--tolerance`` (1e-3) becomes the encoders' 1e-4.
+    """
+    tolerance = ENCODER_TOLERANCE if args.tolerance == DEFAULT_TOLERANCE else args.tolerance
+    try:
+        bundle = export_encoder(
+            args.source,
+            args.out_dir,
+            task,  # type: ignore[arg-type]
+            EncoderExportOptions(
+                tolerance=tolerance,
+                opset=args.opset,
+                overwrite=args.overwrite,
+                pooling=args.pooling,
+                normalize=args.normalize,
+                max_length=args.max_length,
+            ),
+            report=stderr_reporter,
+        )
+        print(bundle)
+        if args.quantize:
+            from quantize.encoder import quantize_encoder_bundle
+
+            for method in args.quantize:
+                out = bundle.with_name(f"{bundle.name}-{method}")
+                quantize_encoder_bundle(
+                    bundle, out, method, overwrite=args.overwrite, report=stderr_reporter
                 )
                 print(out)
     except EdgeSlmError as exc:

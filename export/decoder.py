@@ -35,6 +35,8 @@ class ExportOptions:
 
     tolerance: float = DEFAULT_TOLERANCE
     opset: int | None = None
+    # "optimum": optimum's plain graph; "fused": export/fused.py (Llama/Qwen2 only)
+    graph: str = "optimum"
     overwrite: bool = False
 
 
@@ -155,8 +157,15 @@ def export_decoder(
                 f"model_type {model_type!r} is not supported; supported decoders: "
                 f"{list(SUPPORTED_DECODERS)}"
             )
-        with step(report, "exporting to ONNX"):
-            onnx_path = _onnx_export(loaded.hf_dir, work / "onnx", options.opset)
+        with step(report, f"exporting to ONNX ({options.graph} graph)"):
+            if options.graph == "fused":
+                from export.fused import build_fused_decoder
+
+                onnx_path = build_fused_decoder(loaded.model, work / "onnx" / "model.onnx").path
+            elif options.graph == "optimum":
+                onnx_path = _onnx_export(loaded.hf_dir, work / "onnx", options.opset)
+            else:
+                raise ExportError(f"unknown graph {options.graph!r}; allowed: optimum, fused")
         try:
             _assemble(loaded, onnx_path, out_dir, options, report)
         except BaseException:
@@ -183,6 +192,10 @@ def _assemble(
     graph = onnx.load(str(out_dir / "model.onnx"), load_external_data=False)
     config = loaded.model.config
     io = _decoder_io(config, {i.name for i in graph.graph.input})
+    if options.graph == "fused":
+        from export.fused import fused_decoder_io
+
+        io = fused_decoder_io(config, int(config.max_position_embeddings))
     with step(report, "validating ONNX against torch"):
         validation = validate_decoder(
             out_dir / "model.onnx", io, loaded.model, loaded.tokenizer, options.tolerance

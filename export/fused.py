@@ -105,7 +105,9 @@ def _rotary_caches(model: Any, max_length: int, head_dim: int) -> tuple[np.ndarr
             f"{list(_STATIC_ROPE)} (use --graph optimum)"
         )
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedModelError("partial rotary embeddings are not supported by the fused graph")
+        raise UnsupportedModelError(
+            "partial rotary embeddings are not supported by the fused graph"
+        )
     rotary = model.model.rotary_emb
     positions = torch.arange(max_length, dtype=torch.int64)[None]  # [1, L]
     probe = torch.zeros(1, dtype=torch.float32)
@@ -146,7 +148,9 @@ def _check_supported(config: Any) -> None:
     if getattr(config, "use_sliding_window", False):
         raise UnsupportedModelError("sliding-window attention is not supported by the fused graph")
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"activation {config.hidden_act!r} is not supported (silu only)")
+        raise UnsupportedModelError(
+            f"activation {config.hidden_act!r} is not supported (silu only)"
+        )
 
 
 def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = None) -> FusedGraph:
@@ -253,7 +257,10 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
         )
         (attn_out,) = g.node(
             "MatMul",
-            [context, g.weight(f"{p}.o_proj.weight", np.ascontiguousarray(_np(attn.o_proj.weight).T))],
+            [
+                context,
+                g.weight(f"{p}.o_proj.weight", np.ascontiguousarray(_np(attn.o_proj.weight).T)),
+            ],
             [f"{p}.o"],
             f"{p}.o_proj",
         )
@@ -264,7 +271,9 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
                 [f"{p}.o_b"],
                 f"{p}.o_bias",
             )
-        ln2 = g.weight(f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight))
+        ln2 = g.weight(
+            f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)
+        )
         normed2, _, _, residual = g.node(
             "SkipSimplifiedLayerNormalization",
             [attn_out, residual, ln2],
@@ -292,7 +301,12 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
         (act,) = g.node("Mul", [silu, up], [f"{p}.act"], f"{p}.act")
         (mlp_out,) = g.node(
             "MatMul",
-            [act, g.weight(f"{p}.down_proj.weight", np.ascontiguousarray(_np(mlp.down_proj.weight).T))],
+            [
+                act,
+                g.weight(
+                    f"{p}.down_proj.weight", np.ascontiguousarray(_np(mlp.down_proj.weight).T)
+                ),
+            ],
             [f"{p}.down"],
             f"{p}.down_proj",
         )
@@ -324,10 +338,14 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
     for i in range(io.num_layers):
         for kind in ("key", "value"):
             inputs.append(
-                helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape)
+                helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape
+                )
             )
             outputs.append(
-                helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present_shape)
+                helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", TensorProto.FLOAT, present_shape
+                )
             )
     graph = helper.make_graph(g.nodes, "edge_slm_fused_decoder", inputs, outputs, g.initializers)
     proto = helper.make_model(

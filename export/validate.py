@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from edge_slm.bundle import DecoderIO, Validation
-from edge_slm.decoder import DecoderModel
+from edge_slm.fused import open_decoder
 from export.errors import ValidationError
 
 VALIDATION_PROMPTS = (
@@ -34,7 +34,7 @@ def validate_decoder(
     """
     import torch
 
-    onnx_model = DecoderModel(model_path, io)
+    onnx_model = open_decoder(model_path, io)
     worst = 0.0
     greedy_match = True
     for prompt in VALIDATION_PROMPTS:

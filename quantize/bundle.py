@@ -21,7 +21,7 @@ import onnx
 from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, Quantization, read_bundle, sha256_file, write_manifest
-from edge_slm.decoder import DecoderModel
+from edge_slm.fused import open_decoder
 from export.progress import Reporter, silent_reporter, step
 from quantize.errors import AlreadyQuantizedError, QuantizationError
 from quantize.methods import Method, get_method
@@ -135,7 +135,7 @@ def _score(
 ) -> tuple[np.ndarray, PerplexityResult | None]:
     """Logits of the probe ``[1, seq, vocab]`` and, with ``eval_ids``, the perplexity of one graph."""
     assert manifest.decoder is not None
-    model = DecoderModel(model_path, manifest.decoder)
+    model = open_decoder(model_path, manifest.decoder)
     logits = model.all_logits(probe)
     if eval_ids is None:
         return logits, None

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, read_manifest
 from edge_slm.decoder import DecoderModel
+from edge_slm.fused import open_decoder
 from quantize.errors import QuantizationError
 
 DEFAULT_WINDOW = 512
@@ -163,7 +164,7 @@ def bundle_perplexity(
         )
     tokenizer = Tokenizer.from_file(str(bundle / manifest.files["tokenizer"]))
     ids = encode_text(tokenizer, read_text(text_file), max_tokens)
-    model = DecoderModel(model_path or bundle / manifest.files["model"], manifest.decoder, threads)
+    model = open_decoder(model_path or bundle / manifest.files["model"], manifest.decoder, threads)
     return perplexity(
         model,
         ids,

@@ -1,0 +1,202 @@
+"""``edge-slm bench``: how fast a text-generation bundle runs on this machine.
+
+Measures, with numpy and onnxruntime only: load time, time to first token, prompt
+and decode tokens per second, peak resident memory, and the memory bandwidth decoding
+achieves (bytes of weights read per token x tokens/s) against a bound measured here
+with large array copies. Decoding a small model is bandwidth-bound: every step reads
+every weight once, so ``achieved / bound`` says how much speed is left on the table.
+
+The prompt is synthetic (the tokenizer's encoding of a fixed text, repeated to the
+wanted length) and decoding is greedy without stop tokens, so every run does the same
+work. Run one bundle per process for honest load times and peak memory.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_slm.errors import InvalidArgumentError
+
+_TEXT = (
+    "The old lighthouse keeper climbed the spiral stairs every evening, counting the "
+    "steps and listening to the sea below, while the ships passed far out in the dark. "
+)
+_COPY_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Medians over the repetitions (seconds, tokens/s, bytes)."""
+
+    bundle: str
+    graph_layout: str
+    quantization: str
+    threads: int
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    load_s: float
+    time_to_first_token_s: float
+    prompt_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_rss_bytes: int
+    model_bytes: int
+    bandwidth_bound_bytes_per_s: float
+    achieved_bytes_per_s: float
+
+    @property
+    def bandwidth_fraction(self) -> float:
+        """Achieved decode bandwidth as a fraction of the measured bound."""
+        bound = self.bandwidth_bound_bytes_per_s
+        return self.achieved_bytes_per_s / bound if bound > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, with the bandwidth fraction."""
+        return {**asdict(self), "bandwidth_fraction": self.bandwidth_fraction}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if peak > 1 << 32 else int(peak) * 1024
+
+
+def memory_bandwidth(threads: int = 1, size_bytes: int = _COPY_BYTES, repeats: int = 5) -> float:
+    """Best bytes/s moved (read + written) by ``threads`` threads copying large arrays.
+
+    numpy releases the GIL while copying, so threads copy in parallel. The best of
+    ``repeats`` rounds is kept: the bound is what the memory system can do.
+    """
+    if threads < 1:
+        raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
+    chunk = max(1, size_bytes // threads // 8)
+    sources = [np.ones(chunk, dtype=np.float64) for _ in range(threads)]
+    targets = [np.empty_like(s) for s in sources]
+    best = 0.0
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.copyto, targets, sources))
+            elapsed = time.perf_counter() - start
+            best = max(best, 2 * chunk * 8 * threads / elapsed)
+    return best
+
+
+def _model_bytes(folder: Path, model_file: str) -> int:
+    """Bytes of the graph and its external data: an upper bound of weights read per step."""
+    model = folder / model_file
+    extra = [p for p in folder.iterdir() if p.name.startswith(model.name) and p != model]
+    return model.stat().st_size + sum(p.stat().st_size for p in extra)
+
+
+def synthetic_prompt(generator: Any, tokens: int) -> np.ndarray:
+    """``[1, tokens]`` int64 ids of a fixed English text repeated to length."""
+    ids = generator.encode(_TEXT, add_special_tokens=False)
+    reps = -(-tokens // len(ids))
+    return np.asarray([(ids * reps)[:tokens]], dtype=np.int64)
+
+
+def run_bench(
+    bundle: str | Path,
+    *,
+    prompt_tokens: int = 32,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    threads: int | None = None,
+    spinning: bool | None = None,
+    verify: bool = False,
+) -> BenchResult:
+    """Load ``bundle`` once, then prefill + greedy-decode ``repeats`` times; medians.
+
+    Args:
+        bundle: a text-generation bundle folder.
+        prompt_tokens: length of the synthetic prompt.
+        new_tokens: tokens decoded after the first (EOS does not stop them).
+        repeats: measured runs (after one untimed warm-up of 4 tokens).
+        threads: onnxruntime intra-op threads (None: every CPU this process may use).
+        spinning: onnxruntime thread spinning (None: onnxruntime's default).
+        verify: check the bundle's checksums while loading (counted in ``load_s``).
+    """
+    from edge_slm import load
+    from edge_slm.generation import TextGenerator
+    from edge_slm.session import default_threads
+
+    if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
+        raise InvalidArgumentError("prompt_tokens, new_tokens and repeats must be >= 1")
+    folder = Path(bundle)
+    start = time.perf_counter()
+    generator = load(folder, threads=threads, spinning=spinning, verify=verify)
+    load_s = time.perf_counter() - start
+    if not isinstance(generator, TextGenerator):
+        raise InvalidArgumentError(f"{folder} is not a text-generation bundle")
+    manifest = generator.manifest
+    if prompt_tokens + new_tokens + 1 > manifest.context_length:
+        raise InvalidArgumentError(
+            f"prompt_tokens + new_tokens must fit in the context ({manifest.context_length})"
+        )
+    model = generator.model
+    prompt = synthetic_prompt(generator, prompt_tokens)  # [1, prompt_tokens]
+
+    def one_run(steps: int) -> tuple[float, float]:
+        begin = time.perf_counter()
+        logits, cache = model.forward(prompt, model.empty_cache(1))
+        token = int(np.argmax(logits[0]))
+        first = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = model.forward(np.asarray([[token]], dtype=np.int64), cache)
+            token = int(np.argmax(logits[0]))
+        return first - begin, time.perf_counter() - first
+
+    one_run(4)  # warm-up: onnxruntime allocates its arenas on the first runs
+    ttft, decode = zip(*(one_run(new_tokens) for _ in range(repeats)), strict=True)
+    ttft_s = statistics.median(ttft)
+    decode_tps = new_tokens / statistics.median(decode)
+    n_threads = threads or default_threads()
+    model_bytes = _model_bytes(folder, manifest.files["model"])
+    assert manifest.decoder is not None
+    return BenchResult(
+        bundle=str(folder),
+        graph_layout=manifest.decoder.layout,
+        quantization=manifest.quantization.method,
+        threads=n_threads,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        load_s=load_s,
+        time_to_first_token_s=ttft_s,
+        prompt_tokens_per_s=prompt_tokens / ttft_s,
+        decode_tokens_per_s=decode_tps,
+        peak_rss_bytes=peak_rss_bytes(),
+        model_bytes=model_bytes,
+        bandwidth_bound_bytes_per_s=memory_bandwidth(n_threads),
+        achieved_bytes_per_s=model_bytes * decode_tps,
+    )
+
+
+def format_result(result: BenchResult) -> str:
+    """A few human-readable lines."""
+    mib = 1 << 20
+    return "\n".join(
+        [
+            f"bundle           {result.bundle} ({result.graph_layout}, "
+            f"quantization {result.quantization}, {result.threads} threads)",
+            f"load             {result.load_s:.3f} s",
+            f"first token      {result.time_to_first_token_s * 1000:.1f} ms "
+            f"({result.prompt_tokens}-token prompt, {result.prompt_tokens_per_s:.1f} tok/s)",
+            f"decode           {result.decode_tokens_per_s:.1f} tok/s "
+            f"(median of {result.repeats} x {result.new_tokens} tokens)",
+            f"peak RSS         {result.peak_rss_bytes / mib:.0f} MiB",
+            f"model            {result.model_bytes / mib:.1f} MiB",
+            f"bandwidth        {result.achieved_bytes_per_s / 1e9:.1f} GB/s achieved, "
+            f"{result.bandwidth_bound_bytes_per_s / 1e9:.1f} GB/s bound "
+            f"({100 * result.bandwidth_fraction:.0f}%)",
+        ]
+    )

@@ -1,0 +1,228 @@
+"""The fused decoder graph (export/fused.py) and its loop (edge_slm/fused.py) against transformers.
+
+Tiny random Llama (grouped-query attention, tied embeddings) and Qwen2 (q/k/v biases,
+untied lm_head): fp32 greedy output token for token, prefix reuse, scoring logits,
+buffer growth, the graph's size against optimum's, and 4-bit weight-only quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+import edge_slm
+from edge_slm.bundle import Quantization, read_bundle, write_manifest
+from edge_slm.fused import FusedDecoderModel, FusedKVCache
+
+FUSED_FAMILIES = ("llama", "qwen2")
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "Café 東京 😀",
+]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def torch_models(hf_models: dict[str, Path]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return {
+        family: AutoModelForCausalLM.from_pretrained(hf_models[family], dtype=torch.float32).eval()
+        for family in FUSED_FAMILIES
+    }
+
+
+@pytest.fixture(scope="module")
+def fused_bundles(
+    hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """family -> fp32 fused bundle (validated against torch at export)."""
+    from export.decoder import ExportOptions, export_decoder
+
+    root = tmp_path_factory.mktemp("fused")
+    return {
+        family: export_decoder(str(hf_models[family]), root / family, ExportOptions(graph="fused"))
+        for family in FUSED_FAMILIES
+    }
+
+
+def _greedy(torch_model: Any, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = torch_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+        )
+    return [int(t) for t in out[0, len(prompt_ids) :]]
+
+
+def test_manifest_records_the_fused_layout(fused_bundles: dict[str, Path]) -> None:
+    for family, path in fused_bundles.items():
+        manifest = read_bundle(path)
+        assert manifest.decoder is not None
+        assert manifest.decoder.layout == "gqa-shared"
+        assert manifest.decoder.max_length == manifest.context_length == 128
+        assert manifest.decoder.position_ids is None
+        assert manifest.validation is not None and manifest.validation.greedy_tokens_match
+        assert manifest.validation.max_abs_logit_diff < 1e-4, family
+        assert isinstance(edge_slm.load(path).model, FusedDecoderModel)
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_greedy_matches_transformers_token_for_token(
+    family: str, fused_bundles: dict[str, Path], torch_models: dict[str, Any]
+) -> None:
+    model = edge_slm.load(fused_bundles[family])
+    seen: list[int] = []
+    for prompt in PROMPTS:
+        model.reset_cache()
+        ours = model.generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0.0)
+        expected = _greedy(torch_models[family], ours.prompt_token_ids, NEW_TOKENS)
+        assert ours.token_ids == expected, f"{family}: {prompt!r}"
+        seen.extend(expected)
+    assert len(set(seen)) >= 10  # a degenerate reference would make the check weak
+
+
+def test_prefix_reuse_gives_the_fresh_result(fused_bundles: dict[str, Path]) -> None:
+    model = edge_slm.load(fused_bundles["llama"])
+    system = "You are a kiosk assistant at the central station. Answer briefly. "
+    model.generate(system + "Where is platform 4?", max_new_tokens=8, temperature=0.0)
+    reused = model.generate(system + "Where are the toilets?", max_new_tokens=8, temperature=0.0)
+    assert reused.timings.reused_prompt_tokens > 5
+    fresh = edge_slm.load(fused_bundles["llama"]).generate(
+        system + "Where are the toilets?", max_new_tokens=8, temperature=0.0
+    )
+    assert fresh.timings.reused_prompt_tokens == 0
+    assert reused.token_ids == fresh.token_ids
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_scoring_logits_match_torch(
+    family: str, fused_bundles: dict[str, Path], torch_models: dict[str, Any]
+) -> None:
+    import torch
+
+    model = edge_slm.load(fused_bundles[family]).model
+    ids = np.asarray([[5, 17, 33, 90, 120, 7, 8, 41]], dtype=np.int64)
+    with torch.no_grad():
+        expected = torch_models[family](torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(model.all_logits(ids), expected, atol=1e-4)
+    # Prefix in the cache, then several positions at once (the generator's option scoring).
+    _, cache = model.forward(ids[:, :3], model.empty_cache(1))
+    logits, cache = model.forward(ids[:, 3:], cache, all_positions=True)
+    np.testing.assert_allclose(logits, expected[:, 3:], atol=1e-4)
+    assert cache.length == ids.shape[1]
+
+
+def test_buffers_grow_without_changing_the_result(
+    fused_bundles: dict[str, Path], torch_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge_slm.fused as fused
+
+    monkeypatch.setattr(fused, "_MIN_CAPACITY", 4)
+    monkeypatch.setattr(fused, "_CAPACITY_STEP", 4)
+    model = edge_slm.load(fused_bundles["qwen2"])
+    result = model.generate("Once upon a time", max_new_tokens=30, temperature=0.0)
+    assert result.token_ids == _greedy(torch_models["qwen2"], result.prompt_token_ids, 30)
+    cache = model._cache
+    assert isinstance(cache, FusedKVCache)
+    assert cache.length <= cache.capacity < 2 * cache.length + 4
+
+
+@pytest.fixture(scope="module")
+def optimum_llama(hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The optimum-graph bundle of the tiny Llama, for comparisons."""
+    from export.decoder import export_decoder
+
+    return export_decoder(str(hf_models["llama"]), tmp_path_factory.mktemp("optimum") / "llama")
+
+
+def test_fused_graph_has_far_fewer_nodes(
+    fused_bundles: dict[str, Path], optimum_llama: Path
+) -> None:
+    count = {
+        name: len(onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node)
+        for name, path in (("optimum", optimum_llama), ("fused", fused_bundles["llama"]))
+    }
+    layers = 2
+    assert count["fused"] <= 13 * layers + 8, count
+    assert count["optimum"] > 3 * count["fused"], count
+
+
+def _quantized_copy(src: Path, out: Path) -> Any:
+    """``src`` with its graph 4-bit quantized by quantize.weight_only (int4 defaults)."""
+    from quantize.methods import get_method
+    from quantize.weight_only import quantize_weights
+
+    manifest = read_bundle(src)
+    out.mkdir()
+    result = quantize_weights(onnx.load(str(src / "model.onnx")), get_method("int4").defaults)
+    onnx.save_model(result.model, str(out / "model.onnx"))
+    shutil.copy2(src / "tokenizer.json", out / "tokenizer.json")
+    write_manifest(out, replace(manifest, quantization=Quantization(method="int4", bits=4)))
+    return result
+
+
+def test_int4_weight_only_loads_and_generates_on_the_fused_graph(
+    fused_bundles: dict[str, Path], optimum_llama: Path, tmp_path: Path
+) -> None:
+    result = _quantized_copy(fused_bundles["llama"], tmp_path / "fused-int4")
+    # qkv, o, gate_up, down per layer, and the (tied) lm_head: nothing left in fp32
+    assert result.census.quantized == 4 * 2 + 1
+    assert result.census.float_weight == 0
+    assert result.lm_head == "MatMulNBits"
+    _quantized_copy(optimum_llama, tmp_path / "optimum-int4")
+    manifest = json.loads((tmp_path / "fused-int4" / "manifest.json").read_text())
+    assert manifest["decoder"]["layout"] == "gqa-shared"
+
+    # The same weights quantized the same way: the fused graph computes what optimum's does.
+    fused, plain = edge_slm.load(tmp_path / "fused-int4"), edge_slm.load(tmp_path / "optimum-int4")
+    assert isinstance(fused.model, FusedDecoderModel)
+    for prompt in PROMPTS[:2]:
+        ids = np.asarray([fused.encode(prompt)], dtype=np.int64)
+        np.testing.assert_allclose(
+            fused.model.all_logits(ids), plain.model.all_logits(ids), atol=1e-3
+        )
+        ours = fused.generate(prompt, max_new_tokens=12, temperature=0.0)
+        assert (
+            ours.token_ids == plain.generate(prompt, max_new_tokens=12, temperature=0.0).token_ids
+        )
+
+
+@pytest.mark.slow
+def test_smollm2_fused_fp32_greedy_matches_transformers(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct (from its GGUF): fused fp32 bundle vs transformers, greedy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from export.decoder import ExportOptions, export_decoder
+
+    gguf = Path(__file__).parents[1] / ".cache/assets/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} is missing (see ASSETS.md)")
+    bundle = export_decoder(str(gguf), tmp_path / "smollm2", ExportOptions(graph="fused"))
+    manifest = read_bundle(bundle)
+    assert manifest.validation is not None and manifest.validation.greedy_tokens_match
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    model = edge_slm.load(bundle)
+    for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time"]:
+        model.reset_cache()
+        ours = model.generate(prompt, max_new_tokens=32, temperature=0.0, stop_token_ids=[])
+        assert ours.prompt_token_ids == tokenizer(prompt)["input_ids"]
+        assert (
+            ours.token_ids == _greedy(torch_model, ours.prompt_token_ids, 32)[: len(ours.token_ids)]
+        )
