@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_slm.bundle import Manifest, read_bundle
+from edge_slm.classify import Classification, TextClassifier
+from edge_slm.embed import CosineIndex, Hit, TextEmbedder
+from edge_slm.encoder import TruncationWarning
 from edge_slm.errors import (
     BundleError,
     BundleVersionError,
@@ -38,15 +41,21 @@ __all__ = [
     "ChatTemplateError",
     "ChecksumError",
     "Chunk",
+    "Classification",
     "ContextLengthError",
+    "CosineIndex",
     "EdgeSlmError",
     "GenerationOptions",
     "GenerationResult",
+    "Hit",
     "InvalidArgumentError",
     "Manifest",
+    "TextClassifier",
+    "TextEmbedder",
     "TextGenerator",
     "Timings",
     "TokenStep",
+    "TruncationWarning",
     "load",
 ]
 
@@ -57,8 +66,11 @@ def load(
     threads: int | None = None,
     spinning: bool | None = None,
     verify: bool = True,
-) -> TextGenerator:
+) -> TextGenerator | TextClassifier | TextEmbedder:
     """Load a bundle folder and return the object for its task.
+
+    A text-generation bundle gives a :class:`TextGenerator`, a text-classification
+    bundle a :class:`TextClassifier`, a feature-extraction bundle a :class:`TextEmbedder`.
 
     Args:
         path: the bundle folder (``manifest.json``, ``model.onnx``, ``tokenizer.json``).
@@ -74,4 +86,8 @@ def load(
     manifest = read_bundle(folder, verify=verify)
     if manifest.task == "text-generation":
         return TextGenerator(folder, manifest, threads=threads, spinning=spinning)
+    if manifest.task == "text-classification":
+        return TextClassifier(folder, manifest, threads=threads, spinning=spinning)
+    if manifest.task == "feature-extraction":
+        return TextEmbedder(folder, manifest, threads=threads, spinning=spinning)
     raise BundleError(f"bundle task {manifest.task!r} is not supported by this runtime yet")

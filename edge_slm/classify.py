@@ -178,14 +178,14 @@ class TextClassifier:
             encoded = self.model.encode(batch, truncation, offset)
             probabilities = self.probabilities(self.model.run(encoded))  # [batch, labels]
             results = []
-            for row, truncated in zip(probabilities, encoded.truncated):
+            for row, truncated in zip(probabilities, encoded.truncated, strict=True):
                 labels, scores = select(row, self.labels, top_k, threshold)
                 results.append(Classification(labels, scores, truncated))
             offset += len(batch)
             yield results
 
     @overload
-    def classify(
+    def classify(  # type: ignore[overload-overlap]  # str is also an Iterable
         self,
         texts: str,
         *,

@@ -46,7 +46,9 @@ class TextEmbedder:
         spinning: bool | None = None,
     ) -> None:
         if manifest.task != "feature-extraction":
-            raise BundleError(f"TextEmbedder needs a feature-extraction bundle, got {manifest.task!r}")
+            raise BundleError(
+                f"TextEmbedder needs a feature-extraction bundle, got {manifest.task!r}"
+            )
         self.manifest = manifest
         self.model = EncoderModel(folder, manifest, threads, spinning)
         assert manifest.encoder is not None
@@ -74,7 +76,7 @@ class TextEmbedder:
             offset += len(batch)
 
     @overload
-    def embed(
+    def embed(  # type: ignore[overload-overlap]  # str is also an Iterable
         self, texts: str, *, batch_size: int = ..., truncation: Truncation = ...
     ) -> npt.NDArray[np.float32]: ...
 
@@ -100,7 +102,8 @@ class TextEmbedder:
         """
         if isinstance(texts, str):
             (vectors,) = self.embed_batches([texts], batch_size=1, truncation=truncation)
-            return vectors[0]
+            vector: npt.NDArray[np.float32] = vectors[0]
+            return vector
         check_positive("batch_size", batch_size)
         check_truncation(truncation)
         return self._rows(self.embed_batches(texts, batch_size=batch_size, truncation=truncation))

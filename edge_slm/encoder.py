@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +28,7 @@ from edge_slm.bundle import EncoderIO, Manifest
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
 from edge_slm.session import create_session
 
-TextInput = Union[str, tuple[str, str]]
+TextInput = str | tuple[str, str]
 Truncation = Literal["error", "warn", "silent"]
 TRUNCATION_MODES: tuple[str, ...] = ("error", "warn", "silent")
 
@@ -125,9 +125,7 @@ class EncoderModel:
                 f"{sorted(wanted)}"
             )
         if self.io.output not in outputs:
-            raise BundleError(
-                f"graph has no output {self.io.output!r}; it has {sorted(outputs)}"
-            )
+            raise BundleError(f"graph has no output {self.io.output!r}; it has {sorted(outputs)}")
 
     def encode(
         self, texts: Sequence[TextInput], truncation: Truncation = "error", offset: int = 0
@@ -163,7 +161,7 @@ class EncoderModel:
                     stacklevel=4,
                 )
             cut = self._truncating.encode_batch([texts[i] for i in too_long])
-            for i, encoding in zip(too_long, cut):
+            for i, encoding in zip(too_long, cut, strict=True):
                 encodings[i] = encoding
         width = max(len(e.ids) for e in encodings)
         ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)

@@ -31,8 +31,15 @@ MAX_POSITIONS = 64
 
 def build_wordpiece_tokenizer(vocab_size: int = 300) -> Any:
     """A BERT-style WordPiece tokenizer (lower-casing, [CLS]/[SEP] template, pairs)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -1,0 +1,169 @@
+"""``edge-slm classify`` and ``edge-slm embed``: texts from arguments or a file, JSONL out.
+
+    edge-slm classify BUNDLE "great film" "awful service"
+    edge-slm classify BUNDLE --input feedback.csv --output labels.jsonl --batch-size 32
+    edge-slm embed BUNDLE --input faq.txt --output faq-vectors.jsonl
+
+Input files are JSONL (``text``, optional ``text_pair``), CSV with a ``text`` column, or
+plain text (one text per line), read lazily. Each output line is the input record's
+fields plus the result (``label``, ``score``, ``labels``, ``scores``, ``truncated`` or
+``embedding``). Progress goes to stderr; results to stdout or ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, TextIO
+
+from edge_slm.classify import TextClassifier
+from edge_slm.embed import TextEmbedder
+from edge_slm.encoder import TRUNCATION_MODES
+from edge_slm.errors import InvalidArgumentError
+from edge_slm.records import Record, read_records
+
+COMMANDS = ("classify", "embed")
+
+
+class Progress:
+    """A ``texts done, texts/s`` line on stderr, redrawn at most every ``interval`` s."""
+
+    def __init__(self, stream: TextIO, interval: float = 0.5) -> None:
+        self.stream, self.interval = stream, interval
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+        self.tty = stream.isatty()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if now - self.last >= (self.interval if self.tty else 10 * self.interval):
+            self.last = now
+            self._draw(now)
+
+    def close(self) -> None:
+        self._draw(time.perf_counter())
+        if self.tty:
+            self.stream.write("\n")
+
+    def _draw(self, now: float) -> None:
+        rate = self.done / max(now - self.start, 1e-9)
+        line = f"{self.done:,} texts, {rate:,.0f} texts/s"
+        self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
+        self.stream.flush()
+
+
+def add_encoder_commands(sub: Any) -> None:
+    """Add the ``classify`` and ``embed`` subcommands to an argparse subparsers object."""
+    for name, help_text in (
+        ("classify", "label texts with a text-classification bundle"),
+        ("embed", "embed texts with a feature-extraction bundle"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("bundle", type=Path, help="bundle folder")
+        cmd.add_argument("texts", nargs="*", help="texts (or use --input)")
+        cmd.add_argument("--input", type=Path, help="JSONL / CSV (text column) / one text per line")
+        cmd.add_argument("--output", type=Path, help="JSONL file to write (default: stdout)")
+        cmd.add_argument("--batch-size", type=int, default=32)
+        cmd.add_argument(
+            "--truncation",
+            choices=TRUNCATION_MODES,
+            default="error" if name == "classify" else "warn",
+            help="texts over the context length: fail, cut with a warning, or cut silently",
+        )
+        cmd.add_argument("--threads", type=int, help="onnxruntime threads (default: all CPUs)")
+        cmd.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+        if name == "classify":
+            cmd.add_argument(
+                "--top-k", type=int, help="labels per text (default: 1, multi-label: all)"
+            )
+            cmd.add_argument("--threshold", type=float, help="keep labels >= this probability")
+
+
+def _records(args: argparse.Namespace) -> Iterator[Record]:
+    if args.input is not None and args.texts:
+        raise InvalidArgumentError("give texts as arguments or --input FILE, not both")
+    if args.input is not None:
+        yield from read_records(args.input)
+    elif args.texts:
+        for text in args.texts:
+            yield Record(text, None, {"text": text})
+    else:
+        raise InvalidArgumentError("no texts: give them as arguments or with --input FILE")
+
+
+def _write(lines: Iterable[dict[str, Any]], out: TextIO) -> None:
+    for line in lines:
+        out.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def run_encoder_command(args: argparse.Namespace) -> int:
+    """Run ``classify`` or ``embed``; returns the exit code."""
+    from edge_slm import load
+
+    model = load(args.bundle, threads=args.threads)
+    wanted = TextClassifier if args.command == "classify" else TextEmbedder
+    if not isinstance(model, wanted):
+        raise InvalidArgumentError(
+            f"bundle {str(args.bundle)!r} is a {model.manifest.task} bundle; "
+            f"'edge-slm {args.command}' needs a "
+            f"{'text-classification' if args.command == 'classify' else 'feature-extraction'} one"
+        )
+    show = args.input is not None and not args.no_progress
+    progress = Progress(sys.stderr) if show else None
+    pending: list[Record] = []
+
+    def texts() -> Iterator[Any]:
+        for record in _records(args):
+            pending.append(record)
+            yield record.text
+
+    def results() -> Iterator[dict[str, Any]]:
+        if isinstance(model, TextClassifier):
+            batches: Iterator[list[Any]] = model.classify_batches(
+                texts(),
+                top_k=args.top_k,
+                threshold=args.threshold,
+                batch_size=args.batch_size,
+                truncation=args.truncation,
+            )
+            convert: Callable[[Any], dict[str, Any]] = _classification
+        else:
+            batches = (
+                list(b)
+                for b in model.embed_batches(
+                    texts(), batch_size=args.batch_size, truncation=args.truncation
+                )
+            )
+            convert = _embedding
+        for batch in batches:
+            records = pending[: len(batch)]
+            del pending[: len(batch)]
+            for record, result in zip(records, batch, strict=True):
+                yield {**record.row, **convert(result)}
+            if progress:
+                progress.update(len(batch))
+
+    with ExitStack() as stack:
+        out = (
+            stack.enter_context(open(args.output, "w", encoding="utf-8"))
+            if args.output
+            else sys.stdout
+        )
+        if progress:
+            stack.callback(progress.close)
+        _write(results(), out)
+    return 0
+
+
+def _classification(result: Any) -> dict[str, Any]:
+    return dict(result.to_dict())
+
+
+def _embedding(vector: Any) -> dict[str, Any]:
+    return {"embedding": [round(float(v), 7) for v in vector]}
