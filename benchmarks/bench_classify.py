@@ -11,7 +11,9 @@ The same fine-tuned model runs through three engines, each in its own worker pro
 
 Rounds are interleaved (round 1 of every engine, then round 2...) so a busy machine
 slows every engine alike. Each round classifies the same sentences at batch 1
-(per-sentence latency) and at batch 32 (per-batch latency). Reported: sentences/s
+(per-sentence latency), at batch 32 (one call per batch: per-batch latency), and as one
+call over the whole list with batch size 32 (``stream32``: what classifying a file does;
+each engine batches its own way, edge_slm groups similar lengths). Reported: sentences/s
 (median over rounds), latency p50/p95 (all rounds pooled), peak RSS, and the installed
 size of each engine's Python environment (the distributions it needs, recursively).
 
@@ -46,8 +48,8 @@ ENVIRONMENTS = {
 
 def _load_engine(
     engine: str, hf: Path, bundle: Path, int8: Path | None, threads: int, tmp: Path
-) -> Callable[[list[str]], Any]:
-    """A function classifying a list of sentences with ``engine`` (loaded once)."""
+) -> Callable[[list[str], int], Any]:
+    """A function classifying sentences, ``batch_size`` at a time, with ``engine``."""
     if engine in ("edge_slm", "edge_slm-int8"):
         import edge_slm
 
@@ -55,7 +57,9 @@ def _load_engine(
             int8 if engine == "edge_slm-int8" and int8 else bundle, threads=threads
         )
         assert isinstance(model, edge_slm.TextClassifier)
-        return lambda texts: list(model.classify(texts, batch_size=len(texts), truncation="silent"))
+        return lambda texts, batch: list(
+            model.classify(texts, batch_size=batch, truncation="silent")
+        )
     if engine == "optimum":
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForSequenceClassification
@@ -69,14 +73,14 @@ def _load_engine(
         pipe = pipeline(
             "text-classification", model=ort_model, tokenizer=AutoTokenizer.from_pretrained(hf)
         )
-        return lambda texts: pipe(texts, batch_size=len(texts), truncation=True)
+        return lambda texts, batch: pipe(texts, batch_size=batch, truncation=True)
     if engine == "torch":
         import torch
         from transformers import pipeline
 
         torch.set_num_threads(threads)
         pipe = pipeline("text-classification", model=str(hf), device=-1)
-        return lambda texts: pipe(texts, batch_size=len(texts), truncation=True)
+        return lambda texts, batch: pipe(texts, batch_size=batch, truncation=True)
     raise ValueError(f"unknown engine {engine!r}; allowed: {list(ENVIRONMENTS)}")
 
 
@@ -86,17 +90,21 @@ def worker(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         run = _load_engine(args.worker, args.hf, args.bundle, args.int8, args.threads, Path(tmp))
-        run(sentences[:2])  # warm-up
+        run(sentences[:2], 2)  # warm-up
         load_s = time.perf_counter() - start
         print(json.dumps({"ready": True, "load_s": load_s}), flush=True)
         for line in sys.stdin:
-            batch = int(json.loads(line)["batch"])
+            request = json.loads(line)
+            batch, stream = int(request["batch"]), bool(request["stream"])
             latencies = []
             begin = time.perf_counter()
-            for i in range(0, len(sentences), batch):
-                t0 = time.perf_counter()
-                run(sentences[i : i + batch])
-                latencies.append(time.perf_counter() - t0)
+            if stream:  # the whole list in one call, as over a file: the engine batches
+                run(sentences, batch)
+            else:  # one call per batch: per-batch latency
+                for i in range(0, len(sentences), batch):
+                    t0 = time.perf_counter()
+                    run(sentences[i : i + batch], batch)
+                    latencies.append(time.perf_counter() - t0)
             total = time.perf_counter() - begin
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             print(
@@ -164,6 +172,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument(
+        "--stream-batch",
+        type=int,
+        default=32,
+        help="also classify all sentences in one call with this batch size (0: skip)",
+    )
     parser.add_argument("--engines", nargs="+", default=["edge_slm", "optimum", "torch"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -188,16 +202,19 @@ def main() -> int:
         assert proc.stdout is not None
         loads[engine] = json.loads(proc.stdout.readline())["load_s"]
         workers[engine] = proc
-    results: dict[str, dict[int, list[dict[str, Any]]]] = {
-        e: {b: [] for b in args.batches} for e in engines
+    modes = [(f"batch{b}", b, False) for b in args.batches]
+    if args.stream_batch:
+        modes.append((f"stream{args.stream_batch}", args.stream_batch, True))
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {
+        e: {name: [] for name, _, _ in modes} for e in engines
     }
     for round_ in range(args.rounds):
-        for batch in args.batches:
+        for name, batch, stream in modes:
             for engine, proc in workers.items():
                 assert proc.stdin is not None and proc.stdout is not None
-                proc.stdin.write(json.dumps({"batch": batch}) + "\n")
+                proc.stdin.write(json.dumps({"batch": batch, "stream": stream}) + "\n")
                 proc.stdin.flush()
-                results[engine][batch].append(json.loads(proc.stdout.readline()))
+                results[engine][name].append(json.loads(proc.stdout.readline()))
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     for proc in workers.values():
         assert proc.stdin is not None
@@ -206,29 +223,30 @@ def main() -> int:
     summary: dict[str, Any] = {"sentences": args.n, "rounds": args.rounds, "threads": args.threads}
     for engine in engines:
         row: dict[str, Any] = {"load_s": round(loads[engine], 2)}
-        for batch in args.batches:
-            runs = results[engine][batch]
-            latencies = [lat for r in runs for lat in r["latencies"]]
-            row[f"batch{batch}"] = {
-                "sentences_per_s": round(statistics.median(r["per_s"] for r in runs), 1),
-                "p50_ms": round(1000 * _percentile(latencies, 0.50), 2),
-                "p95_ms": round(1000 * _percentile(latencies, 0.95), 2),
-            }
+        for name, _, stream in modes:
+            runs = results[engine][name]
+            row[name] = {"sentences_per_s": round(statistics.median(r["per_s"] for r in runs), 1)}
+            if not stream:
+                latencies = [lat for r in runs for lat in r["latencies"]]
+                row[name]["p50_ms"] = round(1000 * _percentile(latencies, 0.50), 2)
+                row[name]["p95_ms"] = round(1000 * _percentile(latencies, 0.95), 2)
         row["peak_rss_mb"] = round(
             max(r["peak_rss"] for b in results[engine].values() for r in b) / 2**20, 1
         )
         row["installed_mb"] = round(installed_size(ENVIRONMENTS[engine]) / 2**20, 1)
         summary[engine] = row
     if "edge_slm" in summary:
+        # how many times faster edge_slm (fp32) is than each other engine (> 1: faster)
         for engine in engines:
             if engine != "edge_slm":
-                summary[engine]["edge_slm_speedup"] = {
-                    f"batch{b}": round(
-                        summary["edge_slm"][f"batch{b}"]["sentences_per_s"]
-                        / summary[engine][f"batch{b}"]["sentences_per_s"],
+                key = "fp32_vs_this" if engine.startswith("edge_slm") else "edge_slm_speedup"
+                summary[engine][key] = {
+                    name: round(
+                        summary["edge_slm"][name]["sentences_per_s"]
+                        / summary[engine][name]["sentences_per_s"],
                         2,
                     )
-                    for b in args.batches
+                    for name, _, _ in modes
                 }
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from edge_slm.bundle import Manifest
 from edge_slm.encoder import (
+    SORT_WINDOW_BATCHES,
     EncoderModel,
     TextInput,
     Truncation,
@@ -169,20 +170,23 @@ class TextClassifier:
     ) -> Iterator[list[Classification]]:
         """Classify an iterable lazily, yielding one list of results per batch.
 
-        Arguments as in :meth:`classify`. Memory stays at one batch however long the
-        iterable is.
+        Arguments as in :meth:`classify`. The iterable is read ``8 * batch_size`` inputs
+        at a time; within that window inputs are run in batches of similar token length
+        (less padding) and the results come back in input order. Memory stays at one
+        window however long the iterable is.
         """
         top_k, threshold = self._options(top_k, threshold, batch_size, truncation)
         offset = 0
-        for batch in batched(texts, batch_size):
-            encoded = self.model.encode(batch, truncation, offset)
-            probabilities = self.probabilities(self.model.run(encoded))  # [batch, labels]
+        for window in batched(texts, batch_size * SORT_WINDOW_BATCHES):
+            logits, flags = self.model.run_sorted(window, batch_size, truncation, offset)
+            probabilities = self.probabilities(logits)  # [window, labels]
             results = []
-            for row, truncated in zip(probabilities, encoded.truncated, strict=True):
+            for row, truncated in zip(probabilities, flags, strict=True):
                 labels, scores = select(row, self.labels, top_k, threshold)
                 results.append(Classification(labels, scores, truncated))
-            offset += len(batch)
-            yield results
+            offset += len(window)
+            for start in range(0, len(results), batch_size):
+                yield results[start : start + batch_size]
 
     @overload
     def classify(  # type: ignore[overload-overlap]  # str is also an Iterable

@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from edge_slm.bundle import Manifest
 from edge_slm.encoder import (
+    SORT_WINDOW_BATCHES,
     EncoderModel,
     TextInput,
     Truncation,
@@ -67,13 +68,19 @@ class TextEmbedder:
         batch_size: int = DEFAULT_BATCH_SIZE,
         truncation: Truncation = "warn",
     ) -> Iterator[npt.NDArray[np.float32]]:
-        """Embed an iterable lazily, yielding one ``[batch, dim]`` array per batch."""
+        """Embed an iterable lazily, yielding one ``[batch, dim]`` array per batch.
+
+        Inputs are read ``8 * batch_size`` at a time and run in batches of similar
+        length (see :meth:`TextClassifier.classify_batches`); output is in input order.
+        """
         check_positive("batch_size", batch_size)
         check_truncation(truncation)
         offset = 0
-        for batch in batched(texts, batch_size):
-            yield self.model.run(self.model.encode(batch, truncation, offset))
-            offset += len(batch)
+        for window in batched(texts, batch_size * SORT_WINDOW_BATCHES):
+            vectors, _ = self.model.run_sorted(window, batch_size, truncation, offset)
+            offset += len(window)
+            for start in range(0, len(vectors), batch_size):
+                yield vectors[start : start + batch_size]
 
     @overload
     def embed(  # type: ignore[overload-overlap]  # str is also an Iterable
@@ -142,7 +149,7 @@ class Hit:
     score: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare by identity
 class CosineIndex:
     """Exact top-k search by cosine similarity over a few thousand texts (e.g. a FAQ).
 

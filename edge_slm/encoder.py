@@ -79,6 +79,10 @@ def check_truncation(value: str) -> Truncation:
     return value  # type: ignore[return-value]
 
 
+# Inputs read ahead and sorted by length (in units of batch_size) by the batch generators.
+SORT_WINDOW_BATCHES = 8
+
+
 def batched(items: Iterable[object], batch_size: int) -> Iterator[list[TextInput]]:
     """Consume ``items`` lazily in lists of ``batch_size`` checked inputs."""
     iterator = iter(items)
@@ -140,6 +144,14 @@ class EncoderModel:
         Raises:
             ContextLengthError: a text is too long and ``truncation`` is "error".
         """
+        encodings, truncated = self.tokenize(texts, truncation, offset)
+        return self.pad(encodings, truncated)
+
+    def tokenize(
+        self, texts: Sequence[TextInput], truncation: Truncation = "error", offset: int = 0
+    ) -> tuple[list[Encoding], tuple[bool, ...]]:
+        """Token encodings of ``texts`` (cut to the context length as ``truncation`` says)
+        and, per text, whether it was cut. Arguments as in :meth:`encode`."""
         if not texts:
             raise InvalidArgumentError("cannot encode an empty batch")
         encodings: list[Encoding] = self.tokenizer.encode_batch(list(texts))
@@ -163,6 +175,11 @@ class EncoderModel:
             cut = self._truncating.encode_batch([texts[i] for i in too_long])
             for i, encoding in zip(too_long, cut, strict=True):
                 encodings[i] = encoding
+        flags = set(too_long)
+        return encodings, tuple(i in flags for i in range(len(encodings)))
+
+    def pad(self, encodings: Sequence[Encoding], truncated: Sequence[bool]) -> EncodedBatch:
+        """Pad ``encodings`` to the longest of them (ids with the pad id, mask with 0)."""
         width = max(len(e.ids) for e in encodings)
         ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
@@ -172,8 +189,35 @@ class EncoderModel:
             ids[row, :n] = encoding.ids
             mask[row, :n] = 1
             types[row, :n] = encoding.type_ids
-        flags = set(too_long)
-        return EncodedBatch(ids, mask, types, tuple(i in flags for i in range(len(encodings))))
+        return EncodedBatch(ids, mask, types, tuple(truncated))
+
+    def run_sorted(
+        self,
+        texts: Sequence[TextInput],
+        batch_size: int,
+        truncation: Truncation = "error",
+        offset: int = 0,
+    ) -> tuple[npt.NDArray[np.float32], tuple[bool, ...]]:
+        """Outputs for ``texts`` in their order, computed in batches of similar length.
+
+        The texts are tokenized once, sorted by token count, run ``batch_size`` at a
+        time (so each batch pads little), and the outputs put back in input order.
+        Row ``i`` of the result equals ``run(encode([texts[i]]))`` up to float rounding.
+
+        Returns:
+            (outputs ``[len(texts), ...]``, per text whether it was truncated).
+        """
+        encodings, truncated = self.tokenize(texts, truncation, offset)
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        parts: list[npt.NDArray[np.float32]] = []
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = self.pad([encodings[i] for i in rows], [truncated[i] for i in rows])
+            parts.append(self.run(batch))
+        sorted_out = np.concatenate(parts, axis=0)
+        out = np.empty_like(sorted_out)
+        out[np.asarray(order)] = sorted_out
+        return out, truncated
 
     def run(self, batch: EncodedBatch) -> npt.NDArray[np.float32]:
         """The graph's output for one batch, e.g. logits [batch, labels] or embeddings."""

