@@ -28,6 +28,7 @@ MANIFEST_FILE = "manifest.json"
 TASKS = ("text-generation", "text-classification", "feature-extraction")
 Task = Literal["text-generation", "text-classification", "feature-extraction"]
 _HASH_CHUNK = 1 << 22
+ProblemType = Literal["single_label_classification", "multi_label_classification"]
 
 
 def _from_dict(cls: type[Any], data: Any, where: str) -> Any:
@@ -106,9 +107,7 @@ class EncoderIO:
     attention_mask: str = "attention_mask"
     token_type_ids: str | None = None
     output: str = "logits"
-    problem_type: Literal["single_label_classification", "multi_label_classification"] | None = (
-        None
-    )
+    problem_type: ProblemType | None = None
     pooling: Literal["mean", "cls"] | None = None
     normalize: bool = False
     hidden_size: int | None = None
