@@ -64,7 +64,20 @@ class BenchResult:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this program's
+    own memory. ``getrusage`` keeps the maximum across ``exec``, so a benchmark started
+    by a big parent process would report the parent's peak. Elsewhere ``ru_maxrss``
+    (macOS reports bytes, the BSDs KiB).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if peak > 1 << 32 else int(peak) * 1024
 
@@ -127,7 +140,7 @@ def run_bench(
     """
     from edge_slm import load
     from edge_slm.generation import TextGenerator
-    from edge_slm.session import default_threads
+    from edge_slm.session import session_defaults
 
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
         raise InvalidArgumentError("prompt_tokens, new_tokens and repeats must be >= 1")
@@ -159,7 +172,7 @@ def run_bench(
     ttft, decode = zip(*(one_run(new_tokens) for _ in range(repeats)), strict=True)
     ttft_s = statistics.median(ttft)
     decode_tps = new_tokens / statistics.median(decode)
-    n_threads = threads or default_threads()
+    n_threads = threads or session_defaults().threads
     model_bytes = _model_bytes(folder, manifest.files["model"])
     assert manifest.decoder is not None
     return BenchResult(

@@ -1,13 +1,31 @@
-"""onnxruntime session creation with the defaults a small device wants."""
+"""onnxruntime session creation with the defaults a small device wants.
+
+Defaults are chosen per machine when a session is created (never at import):
+
+* threads: the CPUs this process may run on (cgroup/affinity aware);
+* spinning (idle worker threads busy-wait for the next job): onnxruntime's default (on)
+  while the CPU has room, off when the 1-minute load average already fills every CPU
+  this process may use. On SmolLM2-135M (gguf bundle, 2 cores, quiet machine) spinning
+  on gave 116 decode tok/s against 82 with it off and 71 on one thread; on a contended
+  CPU (FINDINGS.md) one thread with spinning off was faster and steadier.
+
+Overrides, strongest first: the ``threads`` / ``spinning`` arguments (the CLI's
+``--threads`` / ``--no-spinning``), then the environment variables
+``EDGE_SLM_THREADS`` (an integer >= 1) and ``EDGE_SLM_SPINNING`` (``0`` or ``1``).
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 
 from edge_slm.errors import InvalidArgumentError
+
+THREADS_ENV = "EDGE_SLM_THREADS"
+SPINNING_ENV = "EDGE_SLM_SPINNING"
 
 
 def default_threads() -> int:
@@ -16,6 +34,69 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class SessionDefaults:
+    """What :func:`create_session` uses when the caller passes None.
+
+    Attributes:
+        threads: intra-op threads.
+        spinning: None keeps onnxruntime's default (spinning on); False turns it off.
+        reason: why, in a few words (for ``edge-slm bench`` and logs).
+    """
+
+    threads: int
+    spinning: bool | None
+    reason: str
+
+
+def _env_threads() -> int | None:
+    value = os.environ.get(THREADS_ENV)
+    if value is None or value == "":
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise InvalidArgumentError(f"{THREADS_ENV} must be an integer >= 1, got {value!r}")
+    return threads
+
+
+def _env_spinning() -> bool | None:
+    value = os.environ.get(SPINNING_ENV)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        raise InvalidArgumentError(f"{SPINNING_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def session_defaults() -> SessionDefaults:
+    """Threads and spinning for this machine now (environment overrides first)."""
+    cpus = default_threads()
+    threads = _env_threads()
+    spinning = _env_spinning()
+    reasons = []
+    if threads is None:
+        threads = cpus
+        reasons.append(f"{cpus} usable CPUs")
+    else:
+        reasons.append(f"{THREADS_ENV}={threads}")
+    if spinning is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not available on this platform
+            load = 0.0
+        if load >= cpus:
+            spinning = False
+            reasons.append(f"load average {load:.1f} >= {cpus} CPUs: spinning off")
+        else:
+            reasons.append("spinning on (onnxruntime default)")
+    else:
+        reasons.append(f"{SPINNING_ENV}={int(spinning)}")
+    return SessionDefaults(threads, spinning, "; ".join(reasons))
 
 
 def create_session(
@@ -27,14 +108,20 @@ def create_session(
 
     Args:
         model_path: the ``.onnx`` file (external-data files must sit beside it).
-        threads: intra-op threads; None picks :func:`default_threads`.
-        spinning: let idle worker threads spin; None keeps onnxruntime's default.
-            Turning it off helps on a CPU shared with other work (a kiosk UI).
+        threads: intra-op threads; None: :func:`session_defaults` (``EDGE_SLM_THREADS``
+            or every usable CPU).
+        spinning: let idle worker threads spin; None: :func:`session_defaults`
+            (``EDGE_SLM_SPINNING``, else off on a fully loaded CPU, else onnxruntime's
+            default). Turning it off helps on a CPU shared with other work (a kiosk UI).
     """
     if threads is not None and threads < 1:
         raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
+    if threads is None or spinning is None:
+        defaults = session_defaults()
+        threads = threads or defaults.threads
+        spinning = defaults.spinning if spinning is None else spinning
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or default_threads()
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if spinning is not None:

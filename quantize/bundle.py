@@ -24,7 +24,7 @@ from edge_slm.bundle import Manifest, Quantization, read_bundle, sha256_file, wr
 from edge_slm.fused import open_decoder
 from export.progress import Reporter, silent_reporter, step
 from quantize.errors import AlreadyQuantizedError, QuantizationError
-from quantize.methods import Method, get_method
+from quantize.methods import Method, MethodContext, get_method
 from quantize.perplexity import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_WINDOW,
@@ -161,6 +161,7 @@ def quantize_bundle(
     window: int = DEFAULT_WINDOW,
     overwrite: bool = False,
     report: Reporter = silent_reporter,
+    gguf_path: str | Path | None = None,
 ) -> Path:
     """Quantize the fp32 decoder bundle ``src`` with ``method`` into the bundle ``out``.
 
@@ -174,6 +175,8 @@ def quantize_bundle(
         window: tokens per perplexity window (capped by the context length).
         overwrite: replace a non-empty ``out``.
         report: progress messages (e.g. ``export.progress.stderr_reporter``).
+        gguf_path: method ``gguf``: the GGUF file the bundle was exported from, when it
+            is no longer where the provenance says (its sha256 is checked either way).
 
     Returns:
         The new bundle folder.
@@ -204,8 +207,19 @@ def quantize_bundle(
     probe = np.asarray([probe_ids], dtype=np.int64)  # [1, seq]
     _prepare_output(src, out, overwrite)
     try:
+        context = MethodContext(src, manifest, Path(gguf_path) if gguf_path else None)
         return _quantize_into(
-            src, out, manifest, chosen, settings, probe, eval_ids, eval_text, window, report
+            src,
+            out,
+            manifest,
+            chosen,
+            settings,
+            probe,
+            eval_ids,
+            eval_text,
+            window,
+            report,
+            context,
         )
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -223,6 +237,7 @@ def _quantize_into(
     eval_text: Path | None,
     window: int,
     report: Reporter,
+    context: MethodContext,
 ) -> Path:
     """The work of :func:`quantize_bundle` once inputs are checked and ``out`` is empty."""
     assert manifest.decoder is not None
@@ -234,7 +249,7 @@ def _quantize_into(
             raise AlreadyQuantizedError(
                 f"{src_model} already holds MatMulNBits nodes although its manifest says method 'none'"
             )
-        result = method.apply(graph, settings, manifest.decoder.logits)
+        result = method.apply(graph, settings, manifest.decoder.logits, context)
         out_model.parent.mkdir(parents=True, exist_ok=True)
         save_graph(result.model, out_model)
         graph_details = result.details()
@@ -242,7 +257,7 @@ def _quantize_into(
     report(
         f"  {graph_details['quantized_matmuls']} MatMuls quantized, "
         f"{graph_details['remaining_float_matmuls']} float weight MatMuls left, "
-        f"{graph_details['gemms_rewritten']} Gemms rewritten, lm_head {graph_details['lm_head']}"
+        f"{graph_details.get('gemms_rewritten', 0)} Gemms rewritten, lm_head {graph_details['lm_head']}"
     )
     for role, name in manifest.files.items():
         if role != "model":

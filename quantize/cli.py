@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="MatMulNBits compute: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: the method's)",
     )
+    parser.add_argument(
+        "--gguf",
+        type=Path,
+        help="method gguf: the source GGUF file if it moved since the export (sha256 checked)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
 
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             window=args.window,
             overwrite=args.overwrite,
             report=stderr_reporter,
+            gguf_path=args.gguf,
         )
         manifest, _ = read_manifest(out)
     except EdgeSlmError as exc:

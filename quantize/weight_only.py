@@ -187,7 +187,12 @@ def logits_producer(model: onnx.ModelProto, logits: str) -> str:
 
 
 def quantize_weights(
-    model: onnx.ModelProto, settings: WeightOnlySettings, *, logits: str = "logits"
+    model: onnx.ModelProto,
+    settings: WeightOnlySettings,
+    *,
+    logits: str = "logits",
+    exclude: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
 ) -> WeightOnlyResult:
     """Quantize every constant MatMul weight of ``model`` to ``settings.bits`` bits.
 
@@ -198,6 +203,8 @@ def quantize_weights(
         model: an fp32 decoder graph with its weights loaded.
         settings: bits, block size, symmetry and accuracy level.
         logits: name of the logits output, to report whether the lm_head got quantized.
+        exclude: MatMul node names to leave alone (e.g. the lm_head, for another bit width).
+        only: quantize these MatMul node names and nothing else (None: all).
 
     Raises:
         QuantizationError: invalid settings.
@@ -212,7 +219,12 @@ def quantize_weights(
             accuracy_level=settings.accuracy_level,
             bits=settings.bits,
         )
-        quantizer = nbits.MatMulNBitsQuantizer(model, algo_config=config)
+        quantizer = nbits.MatMulNBitsQuantizer(
+            model,
+            algo_config=config,
+            nodes_to_exclude=list(exclude),
+            nodes_to_include=list(only) if only is not None else None,
+        )
         quantizer.process()
         quantized: onnx.ModelProto = quantizer.model.model
     return WeightOnlyResult(

@@ -85,7 +85,7 @@ def test_paris(bundle: Path) -> None:
 def test_choose_matches_transformers(bundle: Path, reference: tuple[Any, Any]) -> None:
     import torch
 
-    model, tokenizer = reference
+    model, _ = reference
     runtime = edge_slm.load(bundle)
     prompt = runtime.render_chat([{"role": "user", "content": "What is the capital of France?"}])
     options = ["The capital of France is Paris.", "The capital of France is Berlin."]
