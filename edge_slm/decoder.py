@@ -54,6 +54,9 @@ class KVCache:
 class DecoderModel:
     """A decoder-only ONNX graph driven step by step with a KV cache."""
 
+    supports_padding = True
+    """Whether rows of a batch may be left-padded (``attention_mask`` with zeros)."""
+
     def __init__(
         self,
         model_path: Path,
@@ -106,6 +109,12 @@ class DecoderModel:
             tokens=np.zeros((batch, 0), dtype=np.int64),
             attention_mask=np.zeros((batch, 0), dtype=np.int64),
         )
+
+    def cache_from_arrays(
+        self, keys: list[np.ndarray], values: list[np.ndarray], tokens: np.ndarray
+    ) -> KVCache:
+        """A cache over saved arrays ``[1, kv_heads, length, head_dim]`` (a prefix cache)."""
+        return KVCache(keys, values, tokens, np.ones_like(tokens))
 
     def forward(
         self,

@@ -118,6 +118,19 @@ class FusedDecoderModel(DecoderModel):
         shape = (batch, self.io.num_kv_heads, capacity, self.io.head_dim)
         return [np.empty(shape, dtype=self.kv_dtype) for _ in range(self.io.num_layers)]
 
+    supports_padding = False  # GroupQueryAttention here takes no padding mask
+
+    def cache_from_arrays(
+        self, keys: list[np.ndarray], values: list[np.ndarray], tokens: np.ndarray
+    ) -> FusedKVCache:
+        """A cache over saved arrays; the buffers grow (copy) on first extension."""
+        return FusedKVCache(
+            [np.ascontiguousarray(k) for k in keys],
+            [np.ascontiguousarray(v) for v in values],
+            tokens,
+            np.ones_like(tokens),
+        )
+
     def empty_cache(self, batch: int) -> FusedKVCache:
         """A cache of length 0 for ``batch`` rows; its buffers are allocated on first use."""
         return FusedKVCache(

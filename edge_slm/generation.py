@@ -364,8 +364,10 @@ class TextGenerator:
                 f"a prefix must have 1 to {self.manifest.context_length - 1} tokens, got {len(ids)}"
             )
         _, cache = self.model.forward(np.asarray([ids], dtype=np.int64), self.model.empty_cache(1))
-        arrays: dict[str, Any] = {f"key_{i}": k for i, k in enumerate(cache.keys)}
-        arrays.update({f"value_{i}": v for i, v in enumerate(cache.values)})
+        # Fused caches are views of larger buffers: save the valid positions only.
+        n = cache.length
+        arrays: dict[str, Any] = {f"key_{i}": k[:, :, :n] for i, k in enumerate(cache.keys)}
+        arrays.update({f"value_{i}": v[:, :, :n] for i, v in enumerate(cache.values)})
         path = Path(path)
         with open(path, "wb") as fh:
             np.savez(
@@ -396,7 +398,7 @@ class TextGenerator:
         expected = (1, self.model.io.num_kv_heads, tokens.shape[1], self.model.io.head_dim)
         if tokens.shape[0] != 1 or any(a.shape != expected for a in keys + values):
             raise BundleError(f"prefix cache {str(path)!r} has shapes that do not fit this model")
-        self._cache = KVCache(keys, values, tokens, np.ones_like(tokens))
+        self._cache = self.model.cache_from_arrays(keys, values, tokens)
         return int(tokens.shape[1])
 
     def _model_sha256(self) -> str:
@@ -493,6 +495,9 @@ class TextGenerator:
         if isinstance(prompts, str) or not prompts:
             raise InvalidArgumentError("prompts must be a non-empty list of strings")
         opts = GenerationOptions.build(options, overrides)
+        if not self.model.supports_padding:
+            # This graph cannot left-pad rows: run them one after the other (same results).
+            return [self._collect(self.encode(prompt), opts) for prompt in prompts]
         start = time.perf_counter()
         rows: list[_Row] = []
         texts: list[_RowText] = []

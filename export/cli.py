@@ -27,9 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, help="ONNX opset (default: optimum's)")
     parser.add_argument(
         "--graph",
-        choices=("optimum", "fused"),
-        default="optimum",
-        help="optimum's plain graph, or the fused GroupQueryAttention graph (Llama, Qwen2)",
+        choices=("auto", "optimum", "fused"),
+        default="auto",
+        help="fused GroupQueryAttention graph (Llama, Qwen2) or optimum's plain graph; "
+        "auto (default): fused where supported",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +25,8 @@ from export.source import LoadedSource, load_source
 from export.validate import validate_decoder
 
 SUPPORTED_DECODERS = ("gpt2", "llama", "qwen2")
+FUSED_DECODERS = ("llama", "qwen2")  # families export/fused.py builds
+GRAPHS = ("auto", "optimum", "fused")
 DEFAULT_TOLERANCE = 1e-3
 _TOOLS = ("edge-slm", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
 
@@ -35,8 +37,9 @@ class ExportOptions:
 
     tolerance: float = DEFAULT_TOLERANCE
     opset: int | None = None
+    # "auto": fused for the families export/fused.py builds, optimum's graph otherwise;
     # "optimum": optimum's plain graph; "fused": export/fused.py (Llama/Qwen2 only)
-    graph: str = "optimum"
+    graph: str = "auto"
     overwrite: bool = False
 
 
@@ -157,15 +160,17 @@ def export_decoder(
                 f"model_type {model_type!r} is not supported; supported decoders: "
                 f"{list(SUPPORTED_DECODERS)}"
             )
+        if options.graph not in GRAPHS:
+            raise ExportError(f"unknown graph {options.graph!r}; allowed: {list(GRAPHS)}")
+        if options.graph == "auto":
+            options = replace(options, graph="fused" if model_type in FUSED_DECODERS else "optimum")
         with step(report, f"exporting to ONNX ({options.graph} graph)"):
             if options.graph == "fused":
                 from export.fused import build_fused_decoder
 
                 onnx_path = build_fused_decoder(loaded.model, work / "onnx" / "model.onnx").path
-            elif options.graph == "optimum":
-                onnx_path = _onnx_export(loaded.hf_dir, work / "onnx", options.opset)
             else:
-                raise ExportError(f"unknown graph {options.graph!r}; allowed: optimum, fused")
+                onnx_path = _onnx_export(loaded.hf_dir, work / "onnx", options.opset)
         try:
             _assemble(loaded, onnx_path, out_dir, options, report)
         except BaseException:

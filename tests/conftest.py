@@ -24,11 +24,24 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def bundles(
     hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
-    """family -> fp32 bundle exported from the tiny model (validated at export)."""
-    from export.decoder import export_decoder
+    """family -> fp32 bundle of optimum's graph (validated against torch at export)."""
+    from export.decoder import ExportOptions, export_decoder
 
     root = tmp_path_factory.mktemp("bundles")
-    return {family: export_decoder(str(path), root / family) for family, path in hf_models.items()}
+    options = ExportOptions(graph="optimum")
+    return {f: export_decoder(str(path), root / f, options) for f, path in hf_models.items()}
+
+
+@pytest.fixture(scope="session")
+def fused_bundles(
+    hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """family -> fp32 fused bundle (the default graph of Llama and Qwen2)."""
+    from export.decoder import FUSED_DECODERS, ExportOptions, export_decoder
+
+    root = tmp_path_factory.mktemp("fused")
+    options = ExportOptions(graph="fused")
+    return {f: export_decoder(str(hf_models[f]), root / f, options) for f in FUSED_DECODERS}
 
 
 @pytest.fixture(scope="session")

@@ -42,20 +42,6 @@ def torch_models(hf_models: dict[str, Path]) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def fused_bundles(
-    hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    """family -> fp32 fused bundle (validated against torch at export)."""
-    from export.decoder import ExportOptions, export_decoder
-
-    root = tmp_path_factory.mktemp("fused")
-    return {
-        family: export_decoder(str(hf_models[family]), root / family, ExportOptions(graph="fused"))
-        for family in FUSED_FAMILIES
-    }
-
-
 def _greedy(torch_model: Any, prompt_ids: list[int], new_tokens: int) -> list[int]:
     import torch
 
@@ -140,20 +126,12 @@ def test_buffers_grow_without_changing_the_result(
     assert cache.length <= cache.capacity < 2 * cache.length + 4
 
 
-@pytest.fixture(scope="module")
-def optimum_llama(hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The optimum-graph bundle of the tiny Llama, for comparisons."""
-    from export.decoder import export_decoder
-
-    return export_decoder(str(hf_models["llama"]), tmp_path_factory.mktemp("optimum") / "llama")
-
-
 def test_fused_graph_has_far_fewer_nodes(
-    fused_bundles: dict[str, Path], optimum_llama: Path
+    fused_bundles: dict[str, Path], bundles: dict[str, Path]
 ) -> None:
     count = {
         name: len(onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node)
-        for name, path in (("optimum", optimum_llama), ("fused", fused_bundles["llama"]))
+        for name, path in (("optimum", bundles["llama"]), ("fused", fused_bundles["llama"]))
     }
     layers = 2
     assert count["fused"] <= 13 * layers + 8, count
@@ -175,14 +153,14 @@ def _quantized_copy(src: Path, out: Path) -> Any:
 
 
 def test_int4_weight_only_loads_and_generates_on_the_fused_graph(
-    fused_bundles: dict[str, Path], optimum_llama: Path, tmp_path: Path
+    fused_bundles: dict[str, Path], bundles: dict[str, Path], tmp_path: Path
 ) -> None:
     result = _quantized_copy(fused_bundles["llama"], tmp_path / "fused-int4")
     # qkv, o, gate_up, down per layer, and the (tied) lm_head: nothing left in fp32
     assert result.census.quantized == 4 * 2 + 1
     assert result.census.float_weight == 0
     assert result.lm_head == "MatMulNBits"
-    _quantized_copy(optimum_llama, tmp_path / "optimum-int4")
+    _quantized_copy(bundles["llama"], tmp_path / "optimum-int4")
     manifest = json.loads((tmp_path / "fused-int4" / "manifest.json").read_text())
     assert manifest["decoder"]["layout"] == "gqa-shared"
 

@@ -12,6 +12,22 @@ from tiny_models import FAMILIES
 import edge_slm
 from edge_slm.stopping import FinishReason
 
+LAYOUTS = ("optimum", "fused")
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout_bundles(
+    request: pytest.FixtureRequest, bundles: dict[str, Path], fused_bundles: dict[str, Path]
+) -> dict[str, Path]:
+    """The tiny bundles of one graph layout (fused exists for Llama and Qwen2 only)."""
+    return bundles if request.param == "optimum" else fused_bundles
+
+
+@pytest.fixture()
+def layout_generators(layout_bundles: dict[str, Path]) -> dict[str, Any]:
+    return {family: edge_slm.load(path) for family, path in layout_bundles.items()}
+
+
 BATCH_PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a small village by the sea,",
@@ -20,9 +36,20 @@ BATCH_PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_batch_equals_one_by_one(family: str, generators: dict[str, Any]) -> None:
-    model = generators[family]
+# (layout, family): GPT-2 has optimum's graph only.
+CASES = [("optimum", f) for f in FAMILIES] + [("fused", "llama"), ("fused", "qwen2")]
+
+
+def load_case(request: pytest.FixtureRequest, layout: str, family: str) -> Any:
+    fixture = "bundles" if layout == "optimum" else "fused_bundles"
+    return edge_slm.load(request.getfixturevalue(fixture)[family])
+
+
+@pytest.mark.parametrize(("layout", "family"), CASES)
+def test_greedy_batch_equals_one_by_one(
+    request: pytest.FixtureRequest, layout: str, family: str
+) -> None:
+    model = load_case(request, layout, family)
     batch = model.generate_batch(BATCH_PROMPTS, max_new_tokens=16, temperature=0.0)
     for prompt, row in zip(BATCH_PROMPTS, batch, strict=True):
         model.reset_cache()
@@ -45,8 +72,8 @@ def test_batch_rows_stop_on_their_own(generators: dict[str, Any]) -> None:
             assert row.text == single.text and row.finish_reason == single.finish_reason
 
 
-def test_seeded_sampling_in_a_batch_equals_one_by_one(generators: dict[str, Any]) -> None:
-    model = generators["qwen2"]
+def test_seeded_sampling_in_a_batch_equals_one_by_one(layout_generators: dict[str, Any]) -> None:
+    model = layout_generators["qwen2"]
     kwargs = {"max_new_tokens": 10, "temperature": 0.9, "top_p": 0.9, "seed": 5}
     batch = model.generate_batch(BATCH_PROMPTS[:2], **kwargs)
     for prompt, row in zip(BATCH_PROMPTS[:2], batch, strict=True):
@@ -71,11 +98,11 @@ def reference_option_logprob(hf_dir: Path, prompt_ids: list[int], full_ids: list
     return float(sum(logp[pos - 1, full_ids[pos]] for pos in range(len(prompt_ids), len(full_ids))))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("layout", "family"), CASES)
 def test_choose_matches_transformers_scores(
-    family: str, generators: dict[str, Any], hf_models: dict[str, Path]
+    request: pytest.FixtureRequest, layout: str, family: str, hf_models: dict[str, Path]
 ) -> None:
-    model = generators[family]
+    model = load_case(request, layout, family)
     prompt = "Q: What is the capital of France? A:"
     options = [" Paris", " Berlin", " a small village by the sea", " 84"]
     result = model.choose(prompt, options)
@@ -108,9 +135,9 @@ def test_choose_rejects_bad_options(generators: dict[str, Any]) -> None:
 
 
 def test_multi_turn_chat_reuses_earlier_turns(
-    generators: dict[str, Any], bundles: dict[str, Path]
+    layout_generators: dict[str, Any], layout_bundles: dict[str, Path]
 ) -> None:
-    model = generators["qwen2"]
+    model = layout_generators["qwen2"]
     messages = [
         {"role": "system", "content": "You are a kiosk assistant at the central station."},
         {"role": "user", "content": "Where is platform 4?"},
@@ -122,14 +149,15 @@ def test_multi_turn_chat_reuses_earlier_turns(
     ]
     second = model.chat(messages, max_new_tokens=8, temperature=0.0)
     assert second.timings.reused_prompt_tokens >= len(first.prompt_token_ids) - 1
-    fresh = edge_slm.load(bundles["qwen2"]).chat(messages, max_new_tokens=8, temperature=0.0)
+    fresh = edge_slm.load(layout_bundles["qwen2"]).chat(messages, max_new_tokens=8, temperature=0.0)
     assert fresh.timings.reused_prompt_tokens == 0
     assert second.token_ids == fresh.token_ids
 
 
 def test_saved_prefix_cache_is_reused_after_a_restart(
-    bundles: dict[str, Path], tmp_path: Path
+    layout_bundles: dict[str, Path], tmp_path: Path
 ) -> None:
+    bundles = layout_bundles
     system = "You are a kiosk assistant at the central station. Answer briefly. "
     model = edge_slm.load(bundles["llama"])
     path = model.save_prefix_cache(tmp_path / "system.npz", system)
