@@ -18,7 +18,7 @@ from typing import Any
 
 from edge_slm.errors import EdgeSlmError
 
-# subcommand -> module of the build stage providing add_arguments(parser) and run(args)
+# subcommand -> module of the build stage providing main(argv, prog)
 _BUILD_COMMANDS = {
     "export": ("export.cli", "convert a HF model (hub id, folder or .gguf) to a bundle"),
     "quantize": ("quantize.cli", "make a bundle small (8-bit / 4-bit weight-only)"),
@@ -244,9 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if argv and argv[0] in _BUILD_COMMANDS:
         module = _build_module(_BUILD_COMMANDS[argv[0]][0])
-        build_parser_ = argparse.ArgumentParser(prog=f"edge-slm {argv[0]}")
-        module.add_arguments(build_parser_)
-        return int(module.run(build_parser_.parse_args(argv[1:])))
+        return int(module.main(argv[1:], prog=f"edge-slm {argv[0]}"))
     args = parser.parse_args(argv)
     try:
         if args.command in ("generate", "chat"):

@@ -135,8 +135,8 @@ def _run_encoder(args: argparse.Namespace, task: str) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m export``."""
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m export") -> int:
+    """Entry point of ``python -m export`` and ``edge-slm export``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))

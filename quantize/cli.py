@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="fp32 bundle folder to quantize")
     parser.add_argument("out_dir", type=Path, help="quantized bundle folder to write")
     methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+    methods += "; encoder bundles: dynamic-int8, static-int8 (see python -m quantize.encoder -h)"
     parser.add_argument("--method", required=True, choices=sorted(METHODS), help=methods)
     parser.add_argument("--eval-text", type=Path, help="UTF-8 text file: perplexity before/after")
     parser.add_argument(
@@ -111,13 +112,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m quantize``."""
-    parser = argparse.ArgumentParser(prog="python -m quantize", description=__doc__)
+def build_parser(prog: str = "python -m quantize") -> argparse.ArgumentParser:
+    """The parser of the decoder methods."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     add_arguments(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m quantize``."""
-    return run(build_parser().parse_args(argv))
+def _method(argv: Sequence[str]) -> str | None:
+    """The value of ``--method`` in ``argv`` (either ``--method X`` or ``--method=X``)."""
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m quantize") -> int:
+    """Entry point of ``python -m quantize`` and ``edge-slm quantize``.
+
+    Encoder methods (dynamic-int8, static-int8) go to :mod:`quantize.encoder`, whose
+    options (calibration, evaluation, accuracy gate) differ from the decoders'.
+    """
+    from quantize import encoder
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _method(argv) in encoder.ENCODER_METHODS:
+        return encoder.main(argv, prog=prog)
+    return run(build_parser(prog).parse_args(argv))

@@ -466,9 +466,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m quantize.encoder``."""
-    parser = argparse.ArgumentParser(prog="python -m quantize.encoder", description=__doc__)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m quantize.encoder") -> int:
+    """Entry point of ``python -m quantize.encoder`` (and of encoder methods in ``quantize``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

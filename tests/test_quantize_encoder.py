@@ -161,3 +161,19 @@ def test_static_keeps_the_matmuls_after_gelu_in_fp32(
         keep_fp32_after_gelu=False,
     )
     assert read_bundle(every).quantization.details["fp32_matmuls_after_gelu"] == 0
+
+
+def test_edge_slm_quantize_dispatches_encoder_methods(
+    fp32: dict[str, Path],
+    files: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from edge_slm.cli import main
+
+    out = tmp_path / "cli-int8"
+    args = ["quantize", str(fp32["classifier"]), str(out), "--method", "static-int8"]
+    args += ["--calibration", str(files["calibration"]), "--eval", str(files["eval"])]
+    assert main(args) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert edge_slm.load(out).manifest.quantization.method == "static-int8"
