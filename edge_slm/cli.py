@@ -1,9 +1,10 @@
 """The ``edge-slm`` command: thin argument parsing, then one call into the library.
 
-Runtime commands (``generate``, ``chat``, ``info``) use edge_slm only. Build commands
-(``export``, ``quantize``) live in the build stage, which a device does not install:
-they are looked up by name only when invoked, so ``edge-slm generate`` never loads
-torch, and ``edge-slm export`` on a device says which extra to install.
+Runtime commands (``generate``, ``chat``, ``classify``, ``embed``, ``bench``, ``info``) use
+edge_slm only. Build commands (``export``, ``quantize``) live in the build stage, which a
+device does not install: they are looked up by name only when invoked, so
+``edge-slm generate`` never loads torch, and ``edge-slm export`` on a device says which
+extra to install.
 """
 
 from __future__ import annotations
