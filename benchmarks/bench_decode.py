@@ -11,7 +11,16 @@ table holds medians. Two runs per engine and round: a 32-token prompt + 64 greed
 tokens (decode speed), and a 512-token prompt + 1 token (prefill speed). Rows:
 optimum's plain graph, the fused graph in fp32 and in the registry's 4-bit variants
 (``int4``, ``int4-shared``, ``int4-emb8``, ``gguf``: the GGUF's own blocks), genai's
-int4 model run by its own loop, and transformers ``generate`` on torch fp32.
+int4 model run by its own loop, transformers ``generate`` on torch fp32 and, as a second
+torch reference, a hand-written greedy loop over the same model with its KV cache.
+
+The torch rows run with the same thread rule as our engine (``edge_slm.session``): all
+``--threads``, and when the load average already fills the CPUs, idle OpenMP workers
+sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``; onnxruntime's equivalent is
+spinning off). Without it, torch's OpenMP (libgomp) on a 2-core machine shared with
+another busy process collapses to 0.5-3 tok/s: every one of the ~300 parallel regions
+per token waits at a barrier for a worker the scheduler has parked. That, not
+``generate`` itself, is why this row once measured 0.9-2.8 tok/s.
 
 Missing bundles are built first (export from the GGUF, then ``quantize_bundle``);
 perplexity per variant (War of the Worlds, 4,096 tokens, 512-token windows) is
@@ -23,7 +32,9 @@ plot to ``docs/performance.png``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -37,6 +48,7 @@ GGUF = ROOT / ".cache/assets/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLES = ROOT / "bundles"
 OPTIMUM = BUNDLES / "smollm2-135m-instruct"
 OPTIMUM_INT4 = BUNDLES / "smollm2-135m-instruct-int4"
+OPTIMUM_INT8 = BUNDLES / "smollm2-135m-instruct-int8"  # the 8-bit bundle (optimum path)
 FUSED = BUNDLES / "smollm2-fused"
 FUSED_INT4 = BUNDLES / "smollm2-fused-int4"
 HF_DIR = BUNDLES / "smollm2-hf"  # the GGUF de-quantized once, for the torch row
@@ -51,12 +63,14 @@ VARIANTS = {
 }
 GENAI = "onnxruntime-genai int4"
 TORCH = "transformers fp32 (torch)"
+TORCH_LOOP = "torch fp32 KV loop (hand-written)"
 
 TORCH_SCRIPT = r"""
-import json, resource, sys, time
+import json, os, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-hf_dir, prompt_tokens, new_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+hf_dir, prompt_tokens, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+threads, mode = int(sys.argv[4]), sys.argv[5]
 torch.set_num_threads(threads)
 start = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -66,11 +80,21 @@ text = ("The old lighthouse keeper climbed the spiral stairs every evening, coun
         "steps and listening to the sea below, while the ships passed far out in the dark. ")
 ids = tokenizer(text)["input_ids"]
 ids = torch.tensor([(ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]])
+mask = torch.ones_like(ids)
+def generate(steps):
+    # the standard call: greedy, the model's own cache (DynamicCache, sdpa attention);
+    # min_new_tokens only keeps an early EOS from shortening the run
+    model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                   do_sample=False, pad_token_id=tokenizer.eos_token_id)
+def loop(steps):
+    out = model(ids, attention_mask=mask, use_cache=True)
+    for _ in range(steps - 1):
+        token = out.logits[:, -1:].argmax(-1)
+        out = model(token, past_key_values=out.past_key_values, use_cache=True)
 def run(steps):
     begin = time.perf_counter()
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
-                       min_new_tokens=steps, do_sample=False)
+    with torch.inference_mode():
+        (generate if mode == "generate" else loop)(steps)
     return time.perf_counter() - begin
 run(2)
 first = run(1)
@@ -78,7 +102,8 @@ total = run(new_tokens + 1) if new_tokens > 1 else first
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"load_s": load_s, "time_to_first_token_s": first,
                   "decode_tokens_per_s": new_tokens / max(total - first, 1e-9),
-                  "peak_rss_bytes": peak}))
+                  "peak_rss_bytes": peak, "threads": torch.get_num_threads(),
+                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}))
 """
 
 GENAI_SCRIPT = r"""
@@ -165,18 +190,72 @@ def run_edge(bundle: Path, args: argparse.Namespace, prompt: int, new: int) -> d
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def run_torch(args: argparse.Namespace, prompt: int, new: int) -> dict[str, float]:
-    """One transformers ``generate`` process on torch fp32."""
+def torch_env(args: argparse.Namespace) -> dict[str, str]:
+    """The torch child's environment: our thread rule, nothing inherited that changes it.
+
+    ``--torch-wait auto`` applies ``edge_slm.session``'s rule: when the load average
+    already fills the CPUs, OpenMP workers sleep at barriers (``OMP_WAIT_POLICY=PASSIVE``)
+    as our onnxruntime sessions turn spinning off; otherwise libgomp's default.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_"))}
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    wait = args.torch_wait
+    if wait == "auto":
+        wait = "passive" if os.getloadavg()[0] >= (os.cpu_count() or 1) else "default"
+    if wait != "default":
+        env["OMP_WAIT_POLICY"] = wait.upper()
+    return env
+
+
+def genai_perplexity(model_dir: Path, reference_bundle: Path) -> float:
+    """Perplexity of genai's int4 graph on EVAL_TEXT, scored exactly like our bundles.
+
+    genai's graph returns logits for every position, so a NumPy loop with onnxruntime
+    scores it: our tokenizer (the same vocabulary), BOS + 511 tokens per window, empty
+    past (its GroupQueryAttention reads the past length from the attention mask).
+    """
+    import math
+
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from quantize.perplexity import _window_nll, encode_text, read_text, token_windows
+
+    digest = hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest()
+    size = sum(p.stat().st_size for p in model_dir.glob("*.onnx*"))
+    key = f"genai:{digest}:{size}:{EVAL_TEXT.name}:4096:512"
+    cache: dict[str, float] = json.loads(PPL_CACHE.read_text()) if PPL_CACHE.exists() else {}
+    if key in cache:
+        return cache[key]
+    session = ort.InferenceSession(
+        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    tokenizer = Tokenizer.from_file(str(reference_bundle / "tokenizer.json"))
+    ids = encode_text(tokenizer, read_text(EVAL_TEXT), 4096)
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+    nll, predicted = 0.0, 0
+    for chunk in token_windows(ids, 512, 1):
+        feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk)}
+        feed.update({p.name: empty for p in pasts})
+        nll += _window_nll(session.run(["logits"], feed)[0][0], chunk[0])
+        predicted += chunk.shape[1] - 1
+    cache[key] = math.exp(nll / predicted)
+    PPL_CACHE.write_text(json.dumps(cache, indent=1))
+    return cache[key]
+
+
+def run_torch(args: argparse.Namespace, prompt: int, new: int, mode: str) -> dict[str, float]:
+    """One torch fp32 process: transformers ``generate`` or the hand-written KV loop."""
     command = [
-        sys.executable,
-        "-c",
-        TORCH_SCRIPT,
-        str(HF_DIR),
-        str(prompt),
-        str(new),
-        str(args.threads),
-    ]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+        sys.executable, "-c", TORCH_SCRIPT, str(HF_DIR), str(prompt), str(new),
+        str(args.threads), mode,
+    ]  # fmt: skip
+    out = subprocess.run(
+        command, check=True, capture_output=True, text=True, cwd=ROOT, env=torch_env(args)
+    )
     result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
     result["model_bytes"] = sum(p.stat().st_size for p in HF_DIR.glob("*.safetensors"))
     return result
@@ -197,44 +276,166 @@ def _median(runs: list[dict[str, float]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
 
+def _ratio(runs: list[dict[str, float]], ref: list[dict[str, float]] | None, key: str) -> float:
+    """Median over rounds of this engine's ``key`` / the reference's in the same round.
+
+    Neighbours in one round saw the same machine load, so the per-round ratio is steadier
+    than a ratio of medians on a shared machine.
+    """
+    if not ref:
+        return float("nan")
+    return float(statistics.median(a[key] / b[key] for a, b in zip(runs, ref, strict=False)))
+
+
+def _prefill_rate(run: dict[str, float], tokens: int) -> dict[str, float]:
+    return {"rate": tokens / run["time_to_first_token_s"]}
+
+
+def _startup(run: dict[str, float]) -> dict[str, float]:
+    return {"s": run["load_s"] + run["time_to_first_token_s"]}
+
+
 def write_table(
     results: dict[str, list[dict[str, float]]],
     prefill: dict[str, list[dict[str, float]]],
     ppl: dict[str, float],
     args: argparse.Namespace,
 ) -> str:
-    """Markdown table of medians, with ratios to genai and to torch."""
+    """Markdown table of medians, with per-round ratios to genai and to torch ``generate``."""
     decode = {name: _median(runs, "decode_tokens_per_s") for name, runs in results.items()}
-    genai = decode.get(GENAI)
-    torch_speed = decode.get(TORCH)
-    bound = max(
-        (r["bandwidth_bound_bytes_per_s"] for runs in results.values() for r in runs
-         if "bandwidth_bound_bytes_per_s" in r),
-        default=0.0,
-    )  # fmt: skip
+    bound = _bound(results)
     lines = [
         "| engine | file MiB | perplexity | load s | first token ms | prefill 512 tok/s | "
-        "decode tok/s | x genai | x torch | peak RSS MiB | % of bandwidth bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "prefill x genai | decode tok/s | x genai | x torch generate | peak RSS MiB | "
+        "% of bandwidth bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
         size = runs[0]["model_bytes"]
         pre = prefill.get(name)
+        pre_rates = [_prefill_rate(r, args.prefill_tokens) for r in pre] if pre else None
+        genai_pre = prefill.get(GENAI)
+        genai_rates = [_prefill_rate(r, args.prefill_tokens) for r in genai_pre or []]
+        no_bound = name in (TORCH, TORCH_LOOP) or not bound
         cells = [
             name,
             f"{size / 2**20:.1f}",
             f"{ppl[name]:.2f}" if name in ppl else "n/a",
             f"{_median(runs, 'load_s'):.2f}",
             f"{1000 * _median(runs, 'time_to_first_token_s'):.0f}",
-            f"{args.prefill_tokens / _median(pre, 'time_to_first_token_s'):.0f}" if pre else "n/a",
+            f"{_median(pre_rates, 'rate'):.0f}" if pre_rates else "n/a",
+            f"{_ratio(pre_rates, genai_rates, 'rate'):.2f}" if pre_rates and genai_rates else "n/a",
             f"{decode[name]:.1f}",
-            f"{decode[name] / genai:.2f}" if genai else "n/a",
-            f"{decode[name] / torch_speed:.2f}" if torch_speed else "n/a",
+            _fmt(_ratio(runs, results.get(GENAI), "decode_tokens_per_s")),
+            _fmt(_ratio(runs, results.get(TORCH), "decode_tokens_per_s")),
             f"{_median(runs, 'peak_rss_bytes') / 2**20:.0f}",
-            f"{100 * size * decode[name] / bound:.0f}%" if bound and name != TORCH else "n/a",
+            "n/a" if no_bound else f"{100 * size * decode[name] / bound:.0f}%",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nMemory bandwidth bound measured: {bound / 1e9:.1f} GB/s.\n"
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value != value else f"{value:.2f}"  # NaN: no reference row
+
+
+def _bound(results: dict[str, list[dict[str, float]]]) -> float:
+    return max(
+        (r["bandwidth_bound_bytes_per_s"] for runs in results.values() for r in runs
+         if "bandwidth_bound_bytes_per_s" in r),
+        default=0.0,
+    )  # fmt: skip
+
+
+def write_goals(
+    results: dict[str, list[dict[str, float]]],
+    prefill: dict[str, list[dict[str, float]]],
+    ppl: dict[str, float],
+    args: argparse.Namespace,
+) -> str:
+    """Where each goal of issue 5 stands, from this run's numbers (4-bit rows vs genai int4)."""
+    four_bit = [name for name in VARIANTS if name in results]
+    genai = results.get(GENAI)
+    rows = []
+
+    def verdict(names: list[str]) -> str:
+        if not names:
+            return "**not met**"
+        return f"**met** by {', '.join(names)}" if len(names) < len(four_bit) else "**met**"
+
+    def per_variant(values: dict[str, float], fmt: str) -> str:
+        return "; ".join(f"{n} {fmt.format(v)}" for n, v in values.items())
+
+    if genai:
+        dec = {n: _ratio(results[n], genai, "decode_tokens_per_s") for n in four_bit}
+        rows.append(("4-bit decode >= 1.1x genai int4", per_variant(dec, "{:.2f}x"),
+                     verdict([n for n, v in dec.items() if v >= 1.1])))  # fmt: skip
+        g_rates = [_prefill_rate(r, args.prefill_tokens) for r in prefill[GENAI]]
+        pre = {
+            n: _ratio([_prefill_rate(r, args.prefill_tokens) for r in prefill[n]], g_rates, "rate")
+            for n in four_bit
+        }
+        rows.append(("4-bit prefill 512 >= genai", per_variant(pre, "{:.2f}x"),
+                     verdict([n for n, v in pre.items() if v >= 1.0])))  # fmt: skip
+    if TORCH in results and "fused fp32" in results:
+        x = _ratio(results["fused fp32"], results[TORCH], "decode_tokens_per_s")
+        text = f"fused fp32 {x:.2f}x `generate`"
+        if TORCH_LOOP in results:
+            loop = _ratio(results["fused fp32"], results[TORCH_LOOP], "decode_tokens_per_s")
+            text += f" ({loop:.2f}x the hand-written KV loop)"
+        rows.append(("fp32 decode >= 3x torch `generate`", text,
+                     "**met**" if x >= 3 else "**not met**"))  # fmt: skip
+    if genai:
+        g_rss = _median(genai, "peak_rss_bytes")
+        g_size = genai[0]["model_bytes"]
+        rss = {n: _median(results[n], "peak_rss_bytes") / g_rss for n in four_bit}
+        rows.append(("4-bit peak RSS <= genai int4", per_variant(rss, "{:.2f}x"),
+                     verdict([n for n, v in rss.items() if v <= 1.0])))  # fmt: skip
+        size = {n: results[n][0]["model_bytes"] / g_size for n in four_bit}
+        rows.append(("4-bit file size <= genai int4", per_variant(size, "{:.3f}x"),
+                     verdict([n for n, v in size.items() if v <= 1.0])))  # fmt: skip
+        g_start = [_startup(r) for r in genai]
+        start = {n: _ratio([_startup(r) for r in results[n]], g_start, "s") for n in four_bit}
+        rows.append(("4-bit start-up (load + first token) <= genai", per_variant(start, "{:.2f}x"),
+                     verdict([n for n, v in start.items() if v <= 1.0])))  # fmt: skip
+    if "optimum int8" in ppl and "fused fp32" in ppl:
+        d = ppl["optimum int8"] / ppl["fused fp32"] - 1
+        rows.append(("8-bit perplexity within 1% of fp32",
+                     f"optimum int8 {ppl['optimum int8']:.2f} vs {ppl['fused fp32']:.2f} "
+                     f"({100 * d:+.2f}%)", "**met**" if d <= 0.01 else "**not met**"))  # fmt: skip
+    if genai and GENAI in ppl:
+        g_size = genai[0]["model_bytes"]
+        desc = per_variant(
+            {n: (ppl[n], results[n][0]["model_bytes"] / 2**20) for n in four_bit if n in ppl},
+            "{0[0]:.2f} at {0[1]:.1f} MiB",
+        )
+        desc += f"; genai {ppl[GENAI]:.2f} at {g_size / 2**20:.1f} MiB"
+        both = [
+            n for n in four_bit
+            if ppl.get(n, 1e9) < ppl[GENAI] and results[n][0]["model_bytes"] <= g_size
+        ]  # fmt: skip
+        lower = [n for n in four_bit if ppl.get(n, 1e9) < ppl[GENAI]]
+        status = verdict(both)
+        if not both and lower:
+            status += f" (lower perplexity but a larger file: {', '.join(lower)})"
+        rows.append(("4-bit perplexity < genai int4 at no larger a file", desc, status))
+    bound = _bound(results)
+    if bound:
+        pct = {
+            n: 100 * results[n][0]["model_bytes"] * _median(results[n], "decode_tokens_per_s")
+            / bound for n in four_bit
+        }  # fmt: skip
+        status = verdict([n for n, v in pct.items() if v >= 50])
+        if pct.get("fused int4", 0) >= 50:  # file bytes != bytes read per token there
+            status += (
+                " (fused int4's figure is overstated: its file holds the fp32 embedding"
+                " table, of which a decode step reads one row)"
+            )
+        rows.append(("decode within 2x of the bandwidth bound (>= 50%)",
+                     per_variant(pct, "{:.0f}%"), status))  # fmt: skip
+    lines = ["| goal (issue 5) | this run | status |", "|---|---|---|"]
+    lines += [f"| {goal} | {value} | {status} |" for goal, value, status in rows]
+    return "\n".join(lines) + "\n"
 
 
 def plot(
@@ -250,13 +451,23 @@ def plot(
         print("matplotlib missing (dev extra): no plot", file=sys.stderr)
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
+    stacked: dict[tuple[int, int], int] = {}  # points at the same spot: labels stacked
     for name, runs in results.items():
-        if name not in ppl:
+        if name not in ppl or ppl[name] != ppl[name]:
             continue
         size = runs[0]["model_bytes"] / 2**20
         speed = _median(runs, "decode_tokens_per_s")
+        spot = (int(size // 25), round(ppl[name]))
+        below = stacked[spot] = stacked.get(spot, -1) + 1
         ax.scatter(size, ppl[name], s=20 + 8 * speed, alpha=0.6)
-        ax.annotate(f"{name}\n{speed:.0f} tok/s", (size, ppl[name]), fontsize=8)
+        ax.annotate(
+            f"{name}: {speed:.0f} tok/s",
+            (size, ppl[name]),
+            xytext=(-150 if size > 400 else 6, 14 - 11 * below),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    ax.margins(x=0.08, y=0.12)
     ax.set_xlabel("model file (MiB)")
     ax.set_ylabel("perplexity (War of the Worlds, 4,096 tokens)")
     ax.set_title("SmolLM2-135M: size vs perplexity (marker area = decode tok/s)")
@@ -265,6 +476,19 @@ def plot(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _cpu_name() -> str:
+    """The CPU model and count, e.g. ``Intel(R) Xeon(R) Processor x 2 CPUs``."""
+    name = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} x {os.cpu_count()} CPUs"
 
 
 def main() -> int:
@@ -277,24 +501,42 @@ def main() -> int:
     parser.add_argument("--genai-python", help="python of a venv with onnxruntime-genai 0.18")
     parser.add_argument("--genai-model", help="folder written by genai's builder (-p int4 -e cpu)")
     parser.add_argument("--genai-perplexity", type=float, help="genai's perplexity, if known")
-    parser.add_argument("--no-torch", action="store_true", help="skip the transformers row")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch rows")
+    parser.add_argument(
+        "--no-torch-loop", action="store_true", help="skip the hand-written torch loop row"
+    )
+    parser.add_argument(
+        "--torch-wait",
+        choices=("auto", "default", "passive", "active"),
+        default="auto",
+        help="OMP_WAIT_POLICY of the torch rows (auto: passive when the load average "
+        "fills the CPUs, like our engine's spinning rule)",
+    )
     parser.add_argument("--no-optimum", action="store_true", help="skip optimum's plain graph")
+    parser.add_argument("--raw-json", type=Path, help="also write every run's numbers here")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/performance.md")
     args = parser.parse_args()
     ensure_bundles(VARIANTS, not args.no_torch)
     engines: dict[str, Path] = {}
     if not args.no_optimum and OPTIMUM.exists():
         engines["optimum fp32"] = OPTIMUM
+    if not args.no_optimum and OPTIMUM_INT8.exists():
+        engines["optimum int8"] = OPTIMUM_INT8
     engines["fused fp32"] = FUSED
     engines.update({name: folder for name, (folder, _) in VARIANTS.items()})
     ppl = perplexities(engines)
     if args.genai_perplexity:
         ppl[GENAI] = args.genai_perplexity
+    elif args.genai_model:
+        ppl[GENAI] = genai_perplexity(Path(args.genai_model), FUSED)
     names = list(engines)
     if args.genai_python and args.genai_model:
         names.append(GENAI)
     if not args.no_torch:
         names.append(TORCH)
+        if not args.no_torch_loop:
+            names.append(TORCH_LOOP)
+    load_before = os.getloadavg()[0]
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     prefill: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for round_ in range(args.rounds):
@@ -305,26 +547,47 @@ def main() -> int:
             ):
                 if name == GENAI:
                     store[name].append(run_genai(args, prompt, new))
-                elif name == TORCH:
-                    store[name].append(run_torch(args, prompt, new))
+                elif name in (TORCH, TORCH_LOOP):
+                    mode = "generate" if name == TORCH else "loop"
+                    store[name].append(run_torch(args, prompt, new, mode))
                 else:
                     store[name].append(run_edge(engines[name], args, prompt, new))
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     ppl[TORCH] = ppl.get("fused fp32", float("nan"))  # same weights, same float math
     table = write_table(results, prefill, ppl, args)
-    print(table)
+    goals = write_goals(results, prefill, ppl, args)
+    print(table + "\n" + goals)
+    if args.raw_json:
+        raw = {"decode": results, "prefill": prefill, "perplexity": ppl}
+        args.raw_json.write_text(json.dumps(raw, indent=1))
+    waits = sorted(
+        {str(r.get("omp_wait_policy")) for n in (TORCH, TORCH_LOOP) for r in results.get(n, [])}
+    )
     picture = plot(results, ppl, args.out.with_suffix(".png"))
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads"
+    machine = f"{platform.machine()}, {_cpu_name()}, {args.threads} threads"
+    # hand-written notes after the generated part ("## What the rows are" on) are kept
+    kept = ""
+    if args.out.exists():
+        old = args.out.read_text(encoding="utf-8")
+        if "\n## What the rows are" in old:
+            kept = "\n" + old[old.index("\n## What the rows are") + 1 :]
     args.out.write_text(
         "# Performance: SmolLM2-135M-Instruct\n\n"
         f"Measured {when} on {machine} (a shared machine: medians of {args.rounds} "
         f"interleaved rounds, one fresh process per run), {args.prompt_tokens}-token prompt + "
         f"{args.new_tokens} greedy tokens for decode, a {args.prefill_tokens}-token prompt for "
         "prefill. Perplexity: War of the Worlds, 4,096 tokens, 512-token windows. Reproduce "
-        "with `python benchmarks/bench_decode.py --genai-python ... --genai-model ...`.\n\n"
+        "with `python benchmarks/bench_decode.py --genai-python ... --genai-model ...`. "
+        "`x genai` / `x torch generate` are medians of per-round ratios (neighbours in one "
+        "round saw the same load). Load average at the start and end: "
+        f"{load_before:.1f} / {os.getloadavg()[0]:.1f}. Torch rows: {args.threads} threads, "
+        f"OMP_WAIT_POLICY {', '.join(waits) or 'n/a'} (`--torch-wait {args.torch_wait}`).\n\n"
         + table
-        + (f"\n![size vs perplexity vs tokens/s]({picture.name})\n" if picture else ""),
+        + (f"\n![size vs perplexity vs tokens/s]({picture.name})\n" if picture else "")
+        + "\n## Goals of issue 5, from this run\n\n"
+        + goals
+        + kept,
         encoding="utf-8",
     )
     return 0
