@@ -159,7 +159,7 @@ def ensure_bundles(variants: dict[str, tuple[Path, str]], torch_row: bool) -> No
 def perplexities(engines: dict[str, Path]) -> dict[str, float]:
     """Perplexity per bundle on EVAL_TEXT, cached by the graph's sha256."""
     from edge_slm.bundle import read_manifest
-    from quantize.perplexity import bundle_perplexity
+    from edge_slm.perplexity import bundle_perplexity
 
     cache: dict[str, float] = json.loads(PPL_CACHE.read_text()) if PPL_CACHE.exists() else {}
     found = {}
@@ -220,7 +220,7 @@ def genai_perplexity(model_dir: Path, reference_bundle: Path) -> float:
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from quantize.perplexity import _window_nll, encode_text, read_text, token_windows
+    from edge_slm.perplexity import _window_nll, encode_text, read_text, token_windows
 
     digest = hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest()
     size = sum(p.stat().st_size for p in model_dir.glob("*.onnx*"))

@@ -1,8 +1,8 @@
 """The ``edge-slm`` command: thin argument parsing, then one call into the library.
 
-Runtime commands (``generate``, ``chat``, ``classify``, ``embed``, ``bench``, ``info``) use
-edge_slm only. Build commands (``export``, ``quantize``) live in the build stage, which a
-device does not install: they are looked up by name only when invoked, so
+Runtime commands (``generate``, ``chat``, ``classify``, ``embed``, ``bench``, ``perplexity``,
+``info``) use edge_slm only. Build commands (``export``, ``quantize``) live in the build
+stage, which a device does not install: they are looked up by name only when invoked, so
 ``edge-slm generate`` never loads torch, and ``edge-slm export`` on a device says which
 extra to install.
 """
@@ -220,7 +220,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-spinning", action="store_true", help="idle threads do not spin")
     bench.add_argument("--verify", action="store_true", help="count checksum checks in load")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    ppl = sub.add_parser("perplexity", help="perplexity of a decoder bundle over a UTF-8 text")
+    ppl.add_argument("bundle", type=Path)
+    ppl.add_argument("text", type=Path, help="UTF-8 text file")
+    ppl.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    ppl.add_argument("--max-tokens", type=int, default=4096, help="tokens scored at most")
+    ppl.add_argument("--threads", type=int, help="onnxruntime threads (default: all CPUs)")
     return parser
+
+
+def _run_perplexity(args: argparse.Namespace) -> int:
+    from edge_slm.bundle import read_bundle
+    from edge_slm.perplexity import bundle_perplexity
+
+    read_bundle(args.bundle)  # checksums first: a bundle is checked before use
+    result = bundle_perplexity(
+        args.bundle,
+        args.text,
+        window=args.window,
+        max_tokens=args.max_tokens,
+        threads=args.threads,
+    )
+    print(
+        json.dumps(
+            {"perplexity": result.perplexity, "tokens": result.tokens, "windows": result.windows}
+        )
+    )
+    return 0
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -252,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_generation(args, chat=args.command == "chat")
         if args.command == "bench":
             return _run_bench(args)
+        if args.command == "perplexity":
+            return _run_perplexity(args)
         if args.command in ("classify", "embed"):
             from edge_slm.cli_encoders import run_encoder_command
 

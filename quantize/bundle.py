@@ -22,10 +22,7 @@ from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, Quantization, read_bundle, sha256_file, write_manifest
 from edge_slm.fused import open_decoder
-from export.progress import Reporter, silent_reporter, step
-from quantize.errors import AlreadyQuantizedError, QuantizationError
-from quantize.methods import Method, MethodContext, get_method
-from quantize.perplexity import (
+from edge_slm.perplexity import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_WINDOW,
     PerplexityResult,
@@ -35,6 +32,9 @@ from quantize.perplexity import (
     perplexity,
     read_text,
 )
+from export.progress import Reporter, silent_reporter, step
+from quantize.errors import AlreadyQuantizedError, QuantizationError
+from quantize.methods import Method, MethodContext, get_method
 from quantize.weight_only import WeightOnlySettings
 
 # protobuf cannot serialize a message of 2 GiB or more: larger graphs keep external data.

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from edge_slm.bundle import Quantization, read_manifest
 from edge_slm.errors import EdgeSlmError
+from edge_slm.perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
 from export.progress import stderr_reporter
 from quantize.bundle import quantize_bundle
 from quantize.methods import METHODS
-from quantize.perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -84,3 +84,19 @@ def test_choose_prints_one_probability_per_option(
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["option"] for line in lines] == ["tickets", "directions"]
     assert abs(sum(line["probability"] for line in lines) - 1) < 1e-6
+
+
+def test_perplexity_command(
+    bundles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_slm.perplexity import bundle_perplexity
+
+    text = tmp_path / "t.txt"
+    text.write_text("Paris is the capital of France. Once upon a time there lived a fox. " * 6)
+    assert main(["perplexity", str(bundles["llama"]), str(text), "--window", "32"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    direct = bundle_perplexity(bundles["llama"], text, window=32)
+    assert printed["perplexity"] == pytest.approx(direct.perplexity)
+    assert printed["tokens"] == direct.tokens > 0
+    assert main(["perplexity", str(bundles["llama"]), str(tmp_path / "none.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err

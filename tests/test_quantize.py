@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from edge_slm.bundle import Manifest, read_bundle, sha256_file
 from edge_slm.decoder import DecoderModel
 from edge_slm.errors import EdgeSlmError
+from edge_slm.perplexity import token_windows
 from quantize import (
     METHODS,
     AlreadyQuantizedError,
@@ -34,7 +35,6 @@ from quantize import (
 )
 from quantize.cli import main
 from quantize.graph_passes import fold_weight_transposes, rewrite_gemms
-from quantize.perplexity import token_windows
 from quantize.weight_only import census
 
 METHOD_NAMES = ("int8", "int4")

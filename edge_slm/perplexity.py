@@ -1,4 +1,7 @@
-"""Perplexity of a decoder graph over a text: the quality figure of a quantized bundle.
+"""Perplexity of a decoder bundle over a text: the quality figure of a (quantized) bundle.
+
+Runtime code (numpy, onnxruntime, tokenizers): the build stage records it in the
+manifest when quantizing, and ``edge-slm perplexity BUNDLE TEXT`` measures it on a device.
 
 The text is tokenized with the bundle's ``tokenizer.json``, cut to ``max_tokens`` and
 split into non-overlapping windows of ``window`` tokens (at most the context length).
@@ -21,8 +24,8 @@ from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, read_manifest
 from edge_slm.decoder import DecoderModel
+from edge_slm.errors import InvalidArgumentError
 from edge_slm.fused import open_decoder
-from quantize.errors import QuantizationError
 
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_TOKENS = 4096
@@ -38,22 +41,22 @@ class PerplexityResult:
 
 
 def read_text(path: Path) -> str:
-    """The UTF-8 text of ``path``; QuantizationError if it is missing, not UTF-8 or blank."""
+    """The UTF-8 text of ``path``; InvalidArgumentError if it is missing, not UTF-8 or blank."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise QuantizationError(f"evaluation text {str(path)!r} does not exist") from None
+        raise InvalidArgumentError(f"evaluation text {str(path)!r} does not exist") from None
     except UnicodeDecodeError as exc:
-        raise QuantizationError(f"evaluation text {str(path)!r} is not UTF-8: {exc}") from None
+        raise InvalidArgumentError(f"evaluation text {str(path)!r} is not UTF-8: {exc}") from None
     if not text.strip():
-        raise QuantizationError(f"evaluation text {str(path)!r} is empty")
+        raise InvalidArgumentError(f"evaluation text {str(path)!r} is empty")
     return text
 
 
 def encode_text(tokenizer: Tokenizer, text: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[int]:
     """Token ids of ``text`` without special tokens, the first ``max_tokens`` of them."""
     if max_tokens < 2:
-        raise QuantizationError(f"max_tokens must be >= 2, got {max_tokens}")
+        raise InvalidArgumentError(f"max_tokens must be >= 2, got {max_tokens}")
     ids: list[int] = tokenizer.encode(text, add_special_tokens=False).ids
     return ids[:max_tokens]
 
@@ -68,7 +71,7 @@ def token_windows(
     """
     step = window - 1 if bos_token_id is not None else window
     if step < 1:
-        raise QuantizationError(f"window must be >= 2, got {window}")
+        raise InvalidArgumentError(f"window must be >= 2, got {window}")
     windows = []
     for start in range(0, len(ids), step):
         chunk = list(ids[start : start + step])
@@ -109,11 +112,11 @@ def perplexity(
         bos_token_id: prepended to every window when the model expects a BOS.
 
     Raises:
-        QuantizationError: too few tokens to predict anything, or a bad window.
+        InvalidArgumentError: too few tokens to predict anything, or a bad window.
     """
     windows = token_windows(ids, window, bos_token_id)
     if not windows:
-        raise QuantizationError(
+        raise InvalidArgumentError(
             f"the evaluation text has {len(ids)} token(s); at least 2 are needed"
         )
     total_nll = 0.0
@@ -159,7 +162,7 @@ def bundle_perplexity(
     bundle = Path(bundle)
     manifest, _ = read_manifest(bundle)
     if manifest.decoder is None:
-        raise QuantizationError(
+        raise InvalidArgumentError(
             f"bundle {str(bundle)!r} is a {manifest.task} bundle, not a decoder"
         )
     tokenizer = Tokenizer.from_file(str(bundle / manifest.files["tokenizer"]))
