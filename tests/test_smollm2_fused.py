@@ -7,7 +7,6 @@ with fp32 compute (accuracy_level 1) give the fp32 graph's logits.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,6 @@ from edge_slm.fused import FusedDecoderModel, open_decoder
 
 pytestmark = pytest.mark.slow
 
-ASSETS = Path(os.environ.get("EDGE_SLM_ASSETS", Path(__file__).parents[1] / ".cache" / "assets"))
-GGUF = ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [
@@ -32,24 +29,13 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def reference() -> tuple[Any, Any]:
-    assert GGUF.is_file(), f"{GGUF} is missing: run `python examples/fetch_assets.py` first"
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32
-    )
-    return model.eval(), tokenizer
-
-
-@pytest.fixture(scope="module")
-def fused(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fused(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
     from export.decoder import ExportOptions, export_decoder
 
     return export_decoder(
-        str(GGUF), tmp_path_factory.mktemp("smollm2") / "fused", ExportOptions(graph="fused")
+        str(smollm2_gguf),
+        tmp_path_factory.mktemp("smollm2") / "fused",
+        ExportOptions(graph="fused"),
     )
 
 
@@ -62,11 +48,11 @@ def transcoded(fused: Path) -> Path:
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_fused_greedy_matches_transformers(
-    fused: Path, reference: tuple[Any, Any], messages: list[dict[str, str]]
+    fused: Path, smollm2_reference: tuple[Any, Any], messages: list[dict[str, str]]
 ) -> None:
     import torch
 
-    model, tokenizer = reference
+    model, tokenizer = smollm2_reference
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
