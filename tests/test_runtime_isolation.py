@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 BLOCKED = ("torch", "transformers", "optimum", "export", "quantize", "jinja2")
 
 SCRIPT = textwrap.dedent(
@@ -32,8 +34,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_runtime_runs_without_the_build_stage(bundles: dict[str, Path]) -> None:
-    code = f"BLOCKED = {BLOCKED!r}\nBUNDLE = {str(bundles['qwen2'])!r}\n{SCRIPT}"
+@pytest.mark.parametrize("graph", ["optimum", "fused"])
+def test_runtime_runs_without_the_build_stage(
+    graph: str, bundles: dict[str, Path], fused_bundles: dict[str, Path]
+) -> None:
+    bundle = (bundles if graph == "optimum" else fused_bundles)["qwen2"]
+    code = f"BLOCKED = {BLOCKED!r}\nBUNDLE = {str(bundle)!r}\n{SCRIPT}"
     # Run from the bundle's folder so the repository's export/ and quantize/ are not
     # even on the path unless installed.
     out = subprocess.run(
@@ -41,7 +47,7 @@ def test_runtime_runs_without_the_build_stage(bundles: dict[str, Path]) -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=bundles["qwen2"],
+        cwd=bundle,
         check=False,
     )
     assert out.returncode == 0, out.stderr
