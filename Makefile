@@ -42,13 +42,13 @@ test-slow: setup $(ASSETS)/.smollm2
 	EDGE_SLM_ASSETS=$(ASSETS) $(PY) -m pytest -q -m slow
 
 # The device's view: a venv with `pip install .` only (numpy, onnxruntime, tokenizers),
-# answering with the demo's 4-bit bundle. Proves no build-stage package is needed.
+# answering with the demo's smallest 4-bit bundle. Proves no build-stage package is needed.
 runtime-check: demo
 	rm -rf .cache/runtime-venv
 	$(PYTHON) -m venv .cache/runtime-venv
 	.cache/runtime-venv/bin/pip install -q .
 	.cache/runtime-venv/bin/python -c "import importlib.util as u, sys; bad=[m for m in ('torch','transformers','optimum','jinja2') if u.find_spec(m)]; sys.exit(f'unexpected: {bad}' if bad else 0)"
-	cd /tmp && $(CURDIR)/.cache/runtime-venv/bin/edge-slm chat $(CURDIR)/bundles/smollm2-135m-instruct-int4 "What is the capital of France?" --temperature 0
+	cd /tmp && $(CURDIR)/.cache/runtime-venv/bin/edge-slm chat $(CURDIR)/bundles/smollm2-135m-instruct-int4-shared "What is the capital of France?" --temperature 0
 
 clean:
 	rm -rf $(VENV) .cache bundles
