@@ -48,6 +48,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantize.blocks import Blocks, BlockWriter
 from quantize.errors import QuantizationError
 from quantize.weight_only import MatMulCensus, WeightOnlySettings, census, logits_producer
 
@@ -70,54 +71,6 @@ class UnsupportedGGUFTypeError(GGUFError):
 
 class GGUFMismatchError(GGUFError):
     """A GGUF tensor does not de-quantize to the graph's weight (wrong mapping)."""
-
-
-@dataclass
-class Blocks:
-    """Quantized weights ``[N, K]`` as blocks of 32 along K.
-
-    Attributes:
-        bits: 4 or 8.
-        codes: ``[N, K/32, 32]`` uint8 codes, element order (not packed).
-        scales: ``[N, K/32]`` float32.
-        zero_points: ``[N, K/32]`` uint8.
-        mins: ``[N, K/32]`` float32 added to each block (Q4_1: ``m + 8d``), or None.
-        types: the GGUF types the rows came from (for the report).
-    """
-
-    bits: int
-    codes: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray
-    mins: np.ndarray | None
-    types: tuple[str, ...]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(N, K)``."""
-        n, blocks, size = self.codes.shape
-        return n, blocks * size
-
-    def dequantize(self) -> np.ndarray:
-        """The float32 weights ``[N, K]`` the blocks stand for."""
-        values = (self.codes.astype(np.float32) - self.zero_points[..., None]) * self.scales[
-            ..., None
-        ]
-        if self.mins is not None:
-            values = values + self.mins[..., None]
-        return values.reshape(self.shape)
-
-    def rows(self, index: np.ndarray) -> Blocks:
-        """The blocks of rows ``index`` (a permutation of output rows moves whole blocks)."""
-        mins = None if self.mins is None else self.mins[index]
-        return Blocks(
-            self.bits,
-            self.codes[index],
-            self.scales[index],
-            self.zero_points[index],
-            mins,
-            self.types,
-        )
 
 
 def _fp16(raw: np.ndarray) -> np.ndarray:
@@ -185,34 +138,6 @@ def concat_rows(parts: list[Blocks], where: str) -> Blocks:
         mins,
         tuple(t for p in parts for t in p.types),
     )
-
-
-def pack_codes(blocks: Blocks) -> np.ndarray:
-    """MatMulNBits ``B``: ``[N, K/32, 32 * bits / 8]`` uint8 (4-bit: element 2i low, 2i+1 high)."""
-    if blocks.bits == 8:
-        return np.ascontiguousarray(blocks.codes)
-    codes = blocks.codes
-    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-
-
-def pack_zero_points(blocks: Blocks) -> np.ndarray:
-    """MatMulNBits ``zero_points``: uint8 ``[N * ceil(K/32 * bits / 8)]``, rows padded."""
-    zp = blocks.zero_points
-    if blocks.bits == 8:
-        return np.ascontiguousarray(zp.reshape(-1))
-    if zp.shape[1] % 2:
-        zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), dtype=np.uint8)], axis=1)
-    return np.ascontiguousarray((zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)).astype(np.uint8)
-
-
-def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`: ``[N, K/32, bytes]`` -> ``[N, K/32, 32]`` codes."""
-    if bits == 8:
-        return packed
-    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out
 
 
 @dataclass(frozen=True)
@@ -302,6 +227,7 @@ class GGUFResult:
     min_terms: int = 0
     max_abs_weight_diff: float = 0.0
     source: str = ""
+    lm_head_requantized: str = ""  # e.g. "Q8_0 -> searched-sym 4-bit"; "" = carried
 
     def details(self) -> dict[str, Any]:
         """JSON-ready facts for ``Quantization.details``."""
@@ -317,103 +243,13 @@ class GGUFResult:
             "gguf_float_weights": self.float_weights,
             "q4_1_min_terms": self.min_terms,
             "max_abs_weight_diff_vs_fp32_graph": self.max_abs_weight_diff,
-            "blocks": "carried from the GGUF unchanged (codes re-packed, fp16 scales widened)",
+            "blocks": "carried from the GGUF unchanged (codes re-packed, fp16 scales widened)"
+            + (
+                f"; the lm_head was re-quantized ({self.lm_head_requantized}, searched scales)"
+                if self.lm_head_requantized
+                else ""
+            ),
         }
-
-
-class _Rewriter:
-    """Replaces ``MatMul(x, W)`` nodes by MatMulNBits over GGUF blocks, collecting nodes."""
-
-    def __init__(
-        self, model: onnx.ModelProto, accuracy_level: int | None, half_storage: bool = True
-    ) -> None:
-        self.graph = model.graph
-        self.accuracy_level = accuracy_level
-        self.half_storage = half_storage
-        self.initializers = {t.name: t for t in self.graph.initializer}
-        self.new_inits: list[onnx.TensorProto] = []
-        self.block_sums: dict[str, str] = {}
-        self.min_terms = 0
-
-    def _float(self, name: str, values: np.ndarray, nodes: list[onnx.NodeProto]) -> None:
-        """A float32 tensor ``name``: stored as fp16 + Cast when every value is an fp16
-        value (GGUF scales and minimums are), so the file holds 2 bytes per block like
-        the GGUF; onnxruntime folds the Cast into an fp32 initializer at load."""
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        half = values.astype(np.float16)
-        if not self.half_storage or not np.array_equal(half.astype(np.float32), values):
-            self.new_inits.append(numpy_helper.from_array(values, name))
-            return
-        self.new_inits.append(numpy_helper.from_array(half, f"{name}_fp16"))
-        nodes.append(
-            helper.make_node(
-                "Cast", [f"{name}_fp16"], [name], name=f"{name}_cast", to=onnx.TensorProto.FLOAT
-            )
-        )
-
-    def _sums(self, x: str, k: int, out: list[onnx.NodeProto]) -> str:
-        """``[..., K/32]`` block sums of activation ``x`` (computed once per tensor)."""
-        if x in self.block_sums:
-            return self.block_sums[x]
-        shape = f"{x}/blocks_shape"
-        self.new_inits.append(
-            numpy_helper.from_array(np.asarray([0, 0, k // BLOCK, BLOCK], np.int64), shape)
-        )
-        axes = f"{x}/blocks_axes"
-        self.new_inits.append(numpy_helper.from_array(np.asarray([-1], np.int64), axes))
-        out.append(helper.make_node("Reshape", [x, shape], [f"{x}/blocks"], name=f"{x}/blocks"))
-        out.append(
-            helper.make_node(
-                "ReduceSum",
-                [f"{x}/blocks", axes],
-                [f"{x}/block_sums"],
-                name=f"{x}/block_sums",
-                keepdims=0,
-            )
-        )
-        self.block_sums[x] = f"{x}/block_sums"
-        return self.block_sums[x]
-
-    def replace(self, node: onnx.NodeProto, weight: str, blocks: Blocks) -> list[onnx.NodeProto]:
-        """The nodes that compute ``node``'s output from ``blocks``."""
-        n, k = blocks.shape
-        x, y = node.input[0], node.output[0]
-        base = weight.removesuffix(".T")
-        b_name, s_name, z_name = f"{base}_Q{blocks.bits}", f"{base}_scales", f"{base}_zp"
-        self.new_inits.append(numpy_helper.from_array(pack_codes(blocks), b_name))
-        nodes: list[onnx.NodeProto] = []
-        self._float(s_name, blocks.scales.reshape(-1), nodes)
-        inputs = [x, b_name, s_name]
-        default_zp = 8 if blocks.bits == 4 else 128
-        if np.any(blocks.zero_points != default_zp):
-            self.new_inits.append(numpy_helper.from_array(pack_zero_points(blocks), z_name))
-            inputs.append(z_name)
-        attrs: dict[str, Any] = {"K": k, "N": n, "bits": blocks.bits, "block_size": BLOCK}
-        if self.accuracy_level is not None:
-            attrs["accuracy_level"] = self.accuracy_level
-        product = y if blocks.mins is None else f"{y}/nbits"
-        nodes.append(
-            helper.make_node(
-                "MatMulNBits",
-                inputs,
-                [product],
-                name=f"{node.name}_Q{blocks.bits}",
-                domain=_MS,
-                **attrs,
-            )
-        )
-        if blocks.mins is not None:
-            sums = self._sums(x, k, nodes)
-            m_name = f"{base}_block_mins"
-            self._float(m_name, blocks.mins.T, nodes)  # [K/32, N]
-            nodes.append(
-                helper.make_node("MatMul", [sums, m_name], [f"{y}/mins"], name=f"{node.name}_mins")
-            )
-            nodes.append(
-                helper.make_node("Add", [product, f"{y}/mins"], [y], name=f"{node.name}_add_mins")
-            )
-            self.min_terms += 1
-        return nodes
 
 
 def transcode_gguf(
@@ -422,6 +258,8 @@ def transcode_gguf(
     settings: WeightOnlySettings,
     *,
     logits: str = "logits",
+    lm_head: WeightOnlySettings | None = None,
+    importance: dict[str, np.ndarray] | None = None,
 ) -> GGUFResult:
     """Replace the fused graph's MatMul weights by the GGUF's own quantized blocks.
 
@@ -431,6 +269,9 @@ def transcode_gguf(
         source: the GGUF file's tensors (:func:`read_gguf`).
         settings: only ``accuracy_level`` is used (the blocks fix bits and block size).
         logits: name of the logits output, to report whether the lm_head got quantized.
+        lm_head: re-quantize the lm_head (and with it a tied embedding) from its float
+            weights with searched scales at these settings instead of carrying its GGUF
+            blocks (SmolLM2's is Q8_0: 4 bits saves 13.5 MB); None carries it unchanged.
 
     Raises:
         UnsupportedGGUFTypeError: a weight in a type other than Q4_0 / Q4_1 / Q8_0 (or float).
@@ -439,11 +280,12 @@ def transcode_gguf(
     """
     from collections import Counter
 
-    rewriter = _Rewriter(model, settings.accuracy_level)
+    rewriter = BlockWriter(model, settings.accuracy_level)
     graph = model.graph
     types: Counter[str] = Counter()
     floats: list[str] = []
     worst = 0.0
+    requantized_from = ""
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         weight = node.input[1] if len(node.input) > 1 else ""
@@ -468,6 +310,19 @@ def transcode_gguf(
             decoded.append(blocks if perm is None else blocks.rows(perm))
         blocks = concat_rows(decoded, weight)
         expected = numpy_helper.to_array(rewriter.initializers[weight])  # [K, N]
+        if lm_head is not None and logits in node.output:
+            from quantize.search import quantize_blocks
+
+            requantized = quantize_blocks(
+                expected,
+                bits=lm_head.bits,
+                block_size=lm_head.block_size,
+                symmetric=lm_head.symmetric or lm_head.bits == 8,
+                importance=importance.get(node.input[0]) if importance else None,
+            )
+            nodes.extend(rewriter.replace(node, weight, requantized))
+            requantized_from = f"{'+'.join(kinds)} -> {requantized.types[0]} {lm_head.bits}-bit"
+            continue
         if expected.shape != blocks.shape[::-1]:
             raise GGUFMismatchError(
                 f"graph weight {weight!r} is {list(expected.shape)}, the GGUF blocks give "
@@ -502,4 +357,5 @@ def transcode_gguf(
         min_terms=rewriter.min_terms,
         max_abs_weight_diff=worst,
         source=str(source.path),
+        lm_head_requantized=requantized_from,
     )

@@ -214,7 +214,7 @@ def test_unsupported_types_and_settings_are_named() -> None:
 
 
 def test_packing_round_trips() -> None:
-    from quantize.gguf import Blocks, pack_codes, pack_zero_points, unpack_codes
+    from quantize.blocks import Blocks, pack_codes, pack_zero_points, unpack_codes
 
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 16, size=(3, 3, 32)).astype(np.uint8)

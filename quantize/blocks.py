@@ -1,0 +1,202 @@
+"""Quantized weight blocks and their MatMulNBits form (shared by GGUF transcoding and
+searched-scale quantization).
+
+:class:`Blocks` holds a weight ``[N, K]`` as integer codes in blocks along K with one
+scale, one integer zero point and optionally one float offset per block;
+:class:`BlockWriter` turns a ``MatMul(x, W)`` node into ``com.microsoft`` ``MatMulNBits``
+over such blocks (plus ``blocksums(x) @ offsets`` when the blocks have offsets, as Q4_1's
+do), storing scales as float16 when that is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+_MS = "com.microsoft"
+
+
+@dataclass
+class Blocks:
+    """Quantized weights ``[N, K]`` as blocks along K (32 weights for GGUF types).
+
+    Attributes:
+        bits: 4 or 8.
+        codes: ``[N, K/block, block]`` uint8 codes, element order (not packed).
+        scales: ``[N, K/block]`` float32.
+        zero_points: ``[N, K/block]`` uint8.
+        mins: ``[N, K/block]`` float32 added to each block (Q4_1: ``m + 8d``), or None.
+        types: the GGUF types the rows came from (for the report).
+    """
+
+    bits: int
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    mins: np.ndarray | None
+    types: tuple[str, ...]
+
+    @property
+    def block_size(self) -> int:
+        """Weights per block along K."""
+        return int(self.codes.shape[2])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, K)``."""
+        n, blocks, size = self.codes.shape
+        return n, blocks * size
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weights ``[N, K]`` the blocks stand for."""
+        values = (self.codes.astype(np.float32) - self.zero_points[..., None]) * self.scales[
+            ..., None
+        ]
+        if self.mins is not None:
+            values = values + self.mins[..., None]
+        return values.reshape(self.shape)
+
+    def rows(self, index: np.ndarray) -> Blocks:
+        """The blocks of rows ``index`` (a permutation of output rows moves whole blocks)."""
+        mins = None if self.mins is None else self.mins[index]
+        return Blocks(
+            self.bits,
+            self.codes[index],
+            self.scales[index],
+            self.zero_points[index],
+            mins,
+            self.types,
+        )
+
+
+def pack_codes(blocks: Blocks) -> np.ndarray:
+    """MatMulNBits ``B``: ``[N, K/block, block * bits / 8]`` uint8 (4-bit: element 2i low, 2i+1 high)."""
+    if blocks.bits == 8:
+        return np.ascontiguousarray(blocks.codes)
+    codes = blocks.codes
+    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def pack_zero_points(blocks: Blocks) -> np.ndarray:
+    """MatMulNBits ``zero_points``: uint8 ``[N * ceil(K/block * bits / 8)]``, rows padded."""
+    zp = blocks.zero_points
+    if blocks.bits == 8:
+        return np.ascontiguousarray(zp.reshape(-1))
+    if zp.shape[1] % 2:
+        zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), dtype=np.uint8)], axis=1)
+    return np.ascontiguousarray((zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: ``[N, K/block, bytes]`` -> ``[N, K/block, block]`` codes."""
+    if bits == 8:
+        return packed
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+class BlockWriter:
+    """Replaces ``MatMul(x, W)`` nodes by MatMulNBits over :class:`Blocks`, collecting the
+    new nodes and initializers (the caller splices them into the graph)."""
+
+    def __init__(
+        self, model: onnx.ModelProto, accuracy_level: int | None, half_storage: bool = True
+    ) -> None:
+        self.graph = model.graph
+        self.accuracy_level = accuracy_level
+        self.half_storage = half_storage
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.new_inits: list[onnx.TensorProto] = []
+        self.block_sums: dict[str, str] = {}
+        self.min_terms = 0
+
+    def _float(self, name: str, values: np.ndarray, nodes: list[onnx.NodeProto]) -> None:
+        """A float32 tensor ``name``: stored as fp16 + Cast when every value is an fp16
+        value (GGUF scales and minimums are, searched scales too), so the file holds 2 bytes per block like
+        the GGUF; onnxruntime folds the Cast into an fp32 initializer at load."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        half = values.astype(np.float16)
+        if not self.half_storage or not np.array_equal(half.astype(np.float32), values):
+            self.new_inits.append(numpy_helper.from_array(values, name))
+            return
+        self.new_inits.append(numpy_helper.from_array(half, f"{name}_fp16"))
+        nodes.append(
+            helper.make_node(
+                "Cast", [f"{name}_fp16"], [name], name=f"{name}_cast", to=onnx.TensorProto.FLOAT
+            )
+        )
+
+    def _sums(self, x: str, k: int, block: int, out: list[onnx.NodeProto]) -> str:
+        """``[..., K/block]`` block sums of activation ``x`` (computed once per tensor)."""
+        if x in self.block_sums:
+            return self.block_sums[x]
+        shape = f"{x}/blocks_shape"
+        self.new_inits.append(
+            numpy_helper.from_array(np.asarray([0, 0, k // block, block], np.int64), shape)
+        )
+        axes = f"{x}/blocks_axes"
+        self.new_inits.append(numpy_helper.from_array(np.asarray([-1], np.int64), axes))
+        out.append(helper.make_node("Reshape", [x, shape], [f"{x}/blocks"], name=f"{x}/blocks"))
+        out.append(
+            helper.make_node(
+                "ReduceSum",
+                [f"{x}/blocks", axes],
+                [f"{x}/block_sums"],
+                name=f"{x}/block_sums",
+                keepdims=0,
+            )
+        )
+        self.block_sums[x] = f"{x}/block_sums"
+        return self.block_sums[x]
+
+    def replace(self, node: onnx.NodeProto, weight: str, blocks: Blocks) -> list[onnx.NodeProto]:
+        """The nodes that compute ``node``'s output from ``blocks``."""
+        n, k = blocks.shape
+        x, y = node.input[0], node.output[0]
+        base = weight.removesuffix(".T")
+        b_name, s_name, z_name = f"{base}_Q{blocks.bits}", f"{base}_scales", f"{base}_zp"
+        self.new_inits.append(numpy_helper.from_array(pack_codes(blocks), b_name))
+        nodes: list[onnx.NodeProto] = []
+        self._float(s_name, blocks.scales.reshape(-1), nodes)
+        inputs = [x, b_name, s_name]
+        default_zp = 8 if blocks.bits == 4 else 128
+        if np.any(blocks.zero_points != default_zp):
+            self.new_inits.append(numpy_helper.from_array(pack_zero_points(blocks), z_name))
+            inputs.append(z_name)
+        attrs: dict[str, Any] = {
+            "K": k,
+            "N": n,
+            "bits": blocks.bits,
+            "block_size": blocks.block_size,
+        }
+        if self.accuracy_level is not None:
+            attrs["accuracy_level"] = self.accuracy_level
+        product = y if blocks.mins is None else f"{y}/nbits"
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                inputs,
+                [product],
+                name=f"{node.name}_Q{blocks.bits}",
+                domain=_MS,
+                **attrs,
+            )
+        )
+        if blocks.mins is not None:
+            sums = self._sums(x, k, blocks.block_size, nodes)
+            m_name = f"{base}_block_mins"
+            self._float(m_name, blocks.mins.T, nodes)  # [K/block, N]
+            nodes.append(
+                helper.make_node("MatMul", [sums, m_name], [f"{y}/mins"], name=f"{node.name}_mins")
+            )
+            nodes.append(
+                helper.make_node("Add", [product, f"{y}/mins"], [y], name=f"{node.name}_add_mins")
+            )
+            self.min_terms += 1
+        return nodes
