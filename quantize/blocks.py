@@ -18,6 +18,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 _MS = "com.microsoft"
+# Name suffix of the float MatMul that adds the block offsets (Q4_1's minimums).
+MIN_TERM_SUFFIX = "_mins"
 
 
 @dataclass
@@ -193,7 +195,9 @@ class BlockWriter:
             m_name = f"{base}_block_mins"
             self._float(m_name, blocks.mins.T, nodes)  # [K/block, N]
             nodes.append(
-                helper.make_node("MatMul", [sums, m_name], [f"{y}/mins"], name=f"{node.name}_mins")
+                helper.make_node(
+                    "MatMul", [sums, m_name], [f"{y}/mins"], name=f"{node.name}{MIN_TERM_SUFFIX}"
+                )
             )
             nodes.append(
                 helper.make_node("Add", [product, f"{y}/mins"], [y], name=f"{node.name}_add_mins")

@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quantize.blocks import Blocks, BlockWriter
+from quantize.blocks import MIN_TERM_SUFFIX, Blocks, BlockWriter
 from quantize.errors import QuantizationError
 from quantize.weight_only import MatMulCensus, WeightOnlySettings, census, logits_producer
 
@@ -229,12 +229,16 @@ class GGUFResult:
     source: str = ""
     lm_head_requantized: str = ""  # e.g. "Q8_0 -> searched-sym 4-bit"; "" = carried
 
+    def _float_weight_nodes(self) -> list[str]:
+        return [n for n in self.census.float_weight_nodes if not n.endswith(MIN_TERM_SUFFIX)]
+
     def details(self) -> dict[str, Any]:
         """JSON-ready facts for ``Quantization.details``."""
         return {
             "quantized_matmuls": self.census.quantized,
-            "remaining_float_matmuls": self.census.float_weight,
-            "remaining_float_matmul_nodes": list(self.census.float_weight_nodes),
+            # the Q4_1 offset terms (blocksums(x) @ offsets) are float MatMuls by design
+            "remaining_float_matmuls": len(self._float_weight_nodes()),
+            "remaining_float_matmul_nodes": self._float_weight_nodes(),
             "activation_matmuls": self.census.activation,
             "gemms_rewritten": 0,
             "lm_head": "quantized" if self.lm_head == "MatMulNBits" else f"float ({self.lm_head})",

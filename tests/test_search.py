@@ -214,6 +214,8 @@ def test_gguf_head4_keeps_the_layer_blocks_and_requantizes_the_head(gguf_pair: A
     assert bits == {carried: 8, head4: 4}
     details = read_bundle(head4).quantization.details
     assert "Q8_0 -> searched-sym 4-bit" in details["blocks"]
+    assert details["remaining_float_matmuls"] == 0  # Q4_1 offset terms are not counted
+    assert details["q4_1_min_terms"] > 0
     assert (read_bundle(head4).quantization.size_after_bytes or 0) < (
         read_bundle(carried).quantization.size_after_bytes or 0
     )
