@@ -66,6 +66,7 @@ def load(
     threads: int | None = None,
     spinning: bool | None = None,
     verify: bool = True,
+    cache: bool | str | Path | None = None,
 ) -> TextGenerator | TextClassifier | TextEmbedder:
     """Load a bundle folder and return the object for its task.
 
@@ -77,17 +78,25 @@ def load(
         threads: onnxruntime intra-op threads; None uses every CPU this process may use.
         spinning: let idle onnxruntime threads spin (None keeps onnxruntime's default).
         verify: check every file's sha256 against the manifest before loading.
+        cache: the prepared-session cache (:mod:`edge_slm.session_cache`): a second
+            load of the same bundle skips graph optimization and weight pre-packing.
+            True: on, in the default folder; a path: on, in that folder; False: off;
+            None: on unless ``EDGE_SLM_CACHE=0``.
 
     Raises:
         BundleError: the folder is not a valid bundle (BundleVersionError for an
             unknown format version, ChecksumError for a modified or missing file).
     """
+    from edge_slm import session_cache
+
     folder = Path(path)
     manifest = read_bundle(folder, verify=verify)
-    if manifest.task == "text-generation":
-        return TextGenerator(folder, manifest, threads=threads, spinning=spinning)
-    if manifest.task == "text-classification":
-        return TextClassifier(folder, manifest, threads=threads, spinning=spinning)
-    if manifest.task == "feature-extraction":
-        return TextEmbedder(folder, manifest, threads=threads, spinning=spinning)
+    setting = session_cache.env_enabled() if cache is None else cache
+    with session_cache.requested(setting):
+        if manifest.task == "text-generation":
+            return TextGenerator(folder, manifest, threads=threads, spinning=spinning)
+        if manifest.task == "text-classification":
+            return TextClassifier(folder, manifest, threads=threads, spinning=spinning)
+        if manifest.task == "feature-extraction":
+            return TextEmbedder(folder, manifest, threads=threads, spinning=spinning)
     raise BundleError(f"bundle task {manifest.task!r} is not supported by this runtime yet")

@@ -9,6 +9,10 @@ every weight once, so ``achieved / bound`` says how much speed is left on the ta
 The prompt is synthetic (the tokenizer's encoding of a fixed text, repeated to the
 wanted length) and decoding is greedy without stop tokens, so every run does the same
 work. Run one bundle per process for honest load times and peak memory.
+
+The load goes through the prepared-session cache (:mod:`edge_slm.session_cache`) like
+any :func:`edge_slm.load`: the report says whether the session was a cache hit or was
+built now; ``cache=False`` (``edge-slm bench --no-cache``) measures a cold load.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class BenchResult:
     model_bytes: int
     bandwidth_bound_bytes_per_s: float
     achieved_bytes_per_s: float
+    session_source: str = ""
 
     @property
     def bandwidth_fraction(self) -> float:
@@ -126,6 +131,7 @@ def run_bench(
     threads: int | None = None,
     spinning: bool | None = None,
     verify: bool = False,
+    cache: bool | None = None,
 ) -> BenchResult:
     """Load ``bundle`` once, then prefill + greedy-decode ``repeats`` times; medians.
 
@@ -137,6 +143,8 @@ def run_bench(
         threads: onnxruntime intra-op threads (None: every CPU this process may use).
         spinning: onnxruntime thread spinning (None: onnxruntime's default).
         verify: check the bundle's checksums while loading (counted in ``load_s``).
+        cache: the prepared-session cache (None: on unless ``EDGE_SLM_CACHE=0``;
+            False: a cold load).
     """
     from edge_slm import load
     from edge_slm.generation import TextGenerator
@@ -146,7 +154,7 @@ def run_bench(
         raise InvalidArgumentError("prompt_tokens, new_tokens and repeats must be >= 1")
     folder = Path(bundle)
     start = time.perf_counter()
-    generator = load(folder, threads=threads, spinning=spinning, verify=verify)
+    generator = load(folder, threads=threads, spinning=spinning, verify=verify, cache=cache)
     load_s = time.perf_counter() - start
     if not isinstance(generator, TextGenerator):
         raise InvalidArgumentError(f"{folder} is not a text-generation bundle")
@@ -191,6 +199,7 @@ def run_bench(
         model_bytes=model_bytes,
         bandwidth_bound_bytes_per_s=memory_bandwidth(n_threads),
         achieved_bytes_per_s=model_bytes * decode_tps,
+        session_source=str(getattr(model, "session_source", "")),
     )
 
 
@@ -201,7 +210,8 @@ def format_result(result: BenchResult) -> str:
         [
             f"bundle           {result.bundle} ({result.graph_layout}, "
             f"quantization {result.quantization}, {result.threads} threads)",
-            f"load             {result.load_s:.3f} s",
+            f"load             {result.load_s:.3f} s"
+            + (f" ({result.session_source})" if result.session_source else ""),
             f"first token      {result.time_to_first_token_s * 1000:.1f} ms "
             f"({result.prompt_tokens}-token prompt, {result.prompt_tokens_per_s:.1f} tok/s)",
             f"decode           {result.decode_tokens_per_s:.1f} tok/s "

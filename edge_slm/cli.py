@@ -76,6 +76,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prefix-cache", type=Path, help="a saved prefix cache to start from")
     parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all CPUs)")
+    parser.add_argument("--no-cache", action="store_true", help="skip the prepared-session cache")
     parser.add_argument("--system", help="system prompt (chat only)")
     parser.add_argument("--no-stream", action="store_true", help="print the answer at the end")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -150,7 +151,7 @@ def _run_generation(args: argparse.Namespace, chat: bool) -> int:
     from edge_slm import TextGenerator, load
     from edge_slm.errors import InvalidArgumentError
 
-    model = load(args.bundle, threads=args.threads)
+    model = load(args.bundle, threads=args.threads, cache=False if args.no_cache else None)
     if not isinstance(model, TextGenerator):
         raise InvalidArgumentError(
             f"bundle {str(args.bundle)!r} is a {model.manifest.task} bundle and cannot "
@@ -219,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="onnxruntime threads (default: all CPUs)")
     bench.add_argument("--no-spinning", action="store_true", help="idle threads do not spin")
     bench.add_argument("--verify", action="store_true", help="count checksum checks in load")
+    bench.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="skip the prepared-session cache (measure a cold load)",
+    )
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     ppl = sub.add_parser("perplexity", help="perplexity of a decoder bundle over a UTF-8 text")
     ppl.add_argument("bundle", type=Path)
@@ -260,6 +266,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         spinning=False if args.no_spinning else None,
         verify=args.verify,
+        cache=False if args.no_cache else None,
     )
     print(json.dumps(result.to_dict()) if args.json else format_result(result))
     return 0

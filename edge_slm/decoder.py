@@ -18,7 +18,8 @@ import onnxruntime as ort
 
 from edge_slm.bundle import DecoderIO
 from edge_slm.errors import BundleError
-from edge_slm.session import create_session
+from edge_slm.session import open_session
+from edge_slm.session_cache import CacheSetting
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -63,9 +64,14 @@ class DecoderModel:
         io: DecoderIO,
         threads: int | None = None,
         spinning: bool | None = None,
+        *,
+        cache: CacheSetting = None,
     ) -> None:
         self.io = io
-        self.session: ort.InferenceSession = create_session(model_path, threads, spinning)
+        opened = open_session(model_path, threads, spinning, cache=cache)
+        self.session: ort.InferenceSession = opened.session
+        self.session_source = opened.detail
+        """Where the session came from (prepared-session cache hit, built, off)."""
         self._past = io.past_names()
         self._present = io.present_names()
         self._output_names = [io.logits] + [n for pair in self._present for n in pair]

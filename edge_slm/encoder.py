@@ -107,9 +107,10 @@ class EncoderModel:
         self.manifest = manifest
         self.io: EncoderIO = manifest.encoder
         self.max_length = manifest.context_length
+        # The tokenizer before the session: lower peak RSS (see TextGenerator).
+        self.tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
         self.session = create_session(folder / manifest.files["model"], threads, spinning)
         self._check_graph()
-        self.tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self._truncating = Tokenizer.from_str(self.tokenizer.to_str())

@@ -27,7 +27,8 @@ import onnxruntime as ort
 from edge_slm.bundle import DecoderIO
 from edge_slm.decoder import DecoderModel, KVCache
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
-from edge_slm.session import create_session
+from edge_slm.session import open_session
+from edge_slm.session_cache import CacheSetting
 
 LAYOUT = "gqa-shared"
 _MIN_CAPACITY = 256
@@ -64,6 +65,8 @@ class FusedDecoderModel(DecoderModel):
         io: DecoderIO,
         threads: int | None = None,
         spinning: bool | None = None,
+        *,
+        cache: CacheSetting = None,
     ) -> None:
         if io.layout != LAYOUT:
             raise BundleError(f"FusedDecoderModel needs layout {LAYOUT!r}, got {io.layout!r}")
@@ -73,7 +76,9 @@ class FusedDecoderModel(DecoderModel):
                 "and logits_positions input names"
             )
         self.io = io
-        self.session: ort.InferenceSession = create_session(model_path, threads, spinning)
+        opened = open_session(model_path, threads, spinning, cache=cache)
+        self.session: ort.InferenceSession = opened.session
+        self.session_source = opened.detail
         self._past = io.past_names()
         self._present = io.present_names()
         self._output_names = [io.logits] + [n for pair in self._present for n in pair]
@@ -272,10 +277,15 @@ def open_decoder(
     io: DecoderIO,
     threads: int | None = None,
     spinning: bool | None = None,
+    *,
+    cache: CacheSetting = None,
 ) -> DecoderModel:
-    """The step model a bundle's decoder section calls for (optimum or gqa-shared layout)."""
+    """The step model a bundle's decoder section calls for (optimum or gqa-shared layout).
+
+    ``cache``: the prepared-session cache (see :func:`edge_slm.session.create_session`).
+    """
     if io.layout == LAYOUT:
-        return FusedDecoderModel(model_path, io, threads, spinning)
+        return FusedDecoderModel(model_path, io, threads, spinning, cache=cache)
     if io.layout != "optimum":
         raise BundleError(f"unknown decoder layout {io.layout!r}; allowed: ['optimum', {LAYOUT!r}]")
-    return DecoderModel(model_path, io, threads, spinning)
+    return DecoderModel(model_path, io, threads, spinning, cache=cache)

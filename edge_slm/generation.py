@@ -170,10 +170,12 @@ class TextGenerator:
         assert manifest.decoder is not None  # guaranteed by Manifest validation
         self.folder = folder
         self.manifest = manifest
+        # The tokenizer first: parsing tokenizer.json frees heap that the session then
+        # reuses; loaded after the session it left ~19 MiB more peak RSS (SmolLM2).
+        self.tokenizer: Tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
         self.model = open_decoder(
             folder / manifest.files["model"], manifest.decoder, threads, spinning
         )
-        self.tokenizer: Tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
         self.chat_format = (
             ChatFormat.from_dict(manifest.chat_format) if manifest.chat_format else None
         )

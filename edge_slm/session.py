@@ -12,17 +12,26 @@ Defaults are chosen per machine when a session is created (never at import):
 Overrides, strongest first: the ``threads`` / ``spinning`` arguments (the CLI's
 ``--threads`` / ``--no-spinning``), then the environment variables
 ``EDGE_SLM_THREADS`` (an integer >= 1) and ``EDGE_SLM_SPINNING`` (``0`` or ``1``).
+
+Sessions of bundles opened through :func:`edge_slm.load` come from the prepared-session
+cache (:mod:`edge_slm.session_cache`) unless it is turned off; a graph opened directly
+(build tools, a graph outside a bundle) is not cached unless ``cache`` asks for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 
-from edge_slm.errors import InvalidArgumentError
+from edge_slm import session_cache
+from edge_slm.bundle import read_manifest
+from edge_slm.errors import BundleError, InvalidArgumentError
+from edge_slm.session_cache import CachedSession, CacheSetting
 
 THREADS_ENV = "EDGE_SLM_THREADS"
 SPINNING_ENV = "EDGE_SLM_SPINNING"
@@ -99,10 +108,85 @@ def session_defaults() -> SessionDefaults:
     return SessionDefaults(threads, spinning, "; ".join(reasons))
 
 
+def bundle_model_sha256(model_path: Path) -> str | None:
+    """The manifest's sha256 of ``model_path`` when it is the model of the bundle beside it.
+
+    External-data files listed in the manifest (any file that is not the model or
+    another role of ``files``) are folded in, so the result names all the graph's
+    bytes. None when there is no such bundle or the checksum is not recorded.
+    """
+    try:
+        manifest, checksums = read_manifest(model_path.parent)
+    except (BundleError, OSError):
+        return None
+    name = model_path.name
+    if not isinstance(checksums, dict) or manifest.files.get("model") != name:
+        return None
+    model_sha = checksums.get(name)
+    if not isinstance(model_sha, str):
+        return None
+    roles = set(manifest.files.values())
+    extra = sorted((n, str(v)) for n, v in checksums.items() if n not in roles)
+    if not extra:
+        return model_sha
+    joined = "\n".join(f"{n} {v}" for n, v in [(name, model_sha), *extra])
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def _options_factory(threads: int, spinning: bool | None) -> Callable[[], ort.SessionOptions]:
+    def make() -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if spinning is not None:
+            options.add_session_config_entry(
+                "session.intra_op.allow_spinning", "1" if spinning else "0"
+            )
+        return options
+
+    return make
+
+
+def open_session(
+    model_path: Path,
+    threads: int | None = None,
+    spinning: bool | None = None,
+    *,
+    cache: CacheSetting = None,
+    model_sha256: str | None = None,
+) -> CachedSession:
+    """:func:`create_session`, also saying whether the session came from the cache."""
+    if threads is not None and threads < 1:
+        raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
+    if threads is None or spinning is None:
+        defaults = session_defaults()
+        threads = threads or defaults.threads
+        spinning = defaults.spinning if spinning is None else spinning
+    options = _options_factory(threads, spinning)
+    setting = session_cache.current_request() if cache is None else cache
+    if setting is None or setting is False:
+        session = ort.InferenceSession(
+            str(model_path), options(), providers=["CPUExecutionProvider"]
+        )
+        return CachedSession(session, "off", "prepared-session cache off")
+    sha = model_sha256 or bundle_model_sha256(Path(model_path))
+    if sha is None:
+        session = ort.InferenceSession(
+            str(model_path), options(), providers=["CPUExecutionProvider"]
+        )
+        return CachedSession(session, "off", "no prepared-session cache: no manifest checksum")
+    cache_dir = None if setting is True else Path(setting)
+    return session_cache.open_cached(Path(model_path), sha, options, cache_dir)
+
+
 def create_session(
     model_path: Path,
     threads: int | None = None,
     spinning: bool | None = None,
+    *,
+    cache: CacheSetting = None,
+    model_sha256: str | None = None,
 ) -> ort.InferenceSession:
     """Open an ONNX graph on the CPU execution provider.
 
@@ -113,19 +197,11 @@ def create_session(
         spinning: let idle worker threads spin; None: :func:`session_defaults`
             (``EDGE_SLM_SPINNING``, else off on a fully loaded CPU, else onnxruntime's
             default). Turning it off helps on a CPU shared with other work (a kiosk UI).
+        cache: the prepared-session cache: True (default folder), a folder, False
+            (off); None: what :func:`edge_slm.load` asked for (off outside it).
+        model_sha256: the graph's sha256; None: read from the bundle manifest beside
+            ``model_path`` (no manifest: no cache).
     """
-    if threads is not None and threads < 1:
-        raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
-    if threads is None or spinning is None:
-        defaults = session_defaults()
-        threads = threads or defaults.threads
-        spinning = defaults.spinning if spinning is None else spinning
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if spinning is not None:
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if spinning else "0"
-        )
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return open_session(
+        model_path, threads, spinning, cache=cache, model_sha256=model_sha256
+    ).session

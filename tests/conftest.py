@@ -14,6 +14,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import FAMILIES, build_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Keep the prepared-session cache (edge_slm.session_cache) out of the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGE_SLM_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """family -> folder of a tiny random HF model (gpt2, llama with GQA, qwen2)."""

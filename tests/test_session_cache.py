@@ -1,0 +1,300 @@
+"""The prepared-session cache (edge_slm/session_cache.py): hits, misses, repairs, fallbacks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import edge_slm
+from edge_slm import session_cache
+from edge_slm.bundle import read_manifest
+from edge_slm.fused import open_decoder
+from edge_slm.session import bundle_model_sha256, open_session
+from edge_slm.session_cache import (
+    CACHE_DIR_ENV,
+    CACHE_ENV,
+    DATA_FILE,
+    ENTRY_FILE,
+    GRAPH_FILE,
+    SessionCacheWarning,
+    align_external_data,
+    default_cache_dir,
+)
+
+IDS = np.asarray([[5, 17, 33, 90, 120, 7, 8, 41]], dtype=np.int64)
+PROMPT = "Once upon a time"
+
+
+def _entries(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _logits(bundle: Path, cache: Any) -> tuple[np.ndarray, str]:
+    manifest, _ = read_manifest(bundle)
+    assert manifest.decoder is not None
+    model = open_decoder(bundle / manifest.files["model"], manifest.decoder, cache=cache)
+    return model.all_logits(IDS), model.session_source
+
+
+@pytest.fixture
+def fused(fused_bundles: dict[str, Path]) -> Path:
+    return fused_bundles["llama"]
+
+
+@pytest.mark.parametrize("layout", ["fused", "optimum"])
+def test_second_load_hits_with_identical_logits_and_tokens(
+    layout: str, fused_bundles: dict[str, Path], bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    bundle = fused_bundles["qwen2"] if layout == "fused" else bundles["llama"]
+    cold = edge_slm.load(bundle, cache=False)
+    first = edge_slm.load(bundle, cache=tmp_path)
+    second = edge_slm.load(bundle, cache=tmp_path)
+    assert isinstance(cold, edge_slm.TextGenerator)
+    assert isinstance(first, edge_slm.TextGenerator)
+    assert isinstance(second, edge_slm.TextGenerator)
+    assert cold.model.session_source == "prepared-session cache off"
+    assert first.model.session_source.startswith("prepared-session cache built")
+    assert second.model.session_source == "prepared-session cache hit"
+    expected = cold.model.all_logits(IDS)
+    assert np.array_equal(first.model.all_logits(IDS), expected)
+    assert np.array_equal(second.model.all_logits(IDS), expected)  # bit-identical
+    tokens = cold.generate(PROMPT, max_new_tokens=12, temperature=0.0).token_ids
+    assert second.generate(PROMPT, max_new_tokens=12, temperature=0.0).token_ids == tokens
+    (entry,) = _entries(tmp_path)
+    assert b"prepacked_" in (entry / GRAPH_FILE).read_bytes()  # pre-packed weights reused
+    record = json.loads((entry / ENTRY_FILE).read_text())
+    assert record["key"]["model_sha256"] == bundle_model_sha256(bundle / "model.onnx")
+    assert record["files"] == {
+        name: (entry / name).stat().st_size for name in (GRAPH_FILE, DATA_FILE)
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncate-data", "truncate-graph", "garble-graph", "json"])
+def test_a_damaged_entry_is_detected_and_rebuilt(fused: Path, tmp_path: Path, damage: str) -> None:
+    expected, _ = _logits(fused, False)
+    _logits(fused, tmp_path)
+    (entry,) = _entries(tmp_path)
+    if damage == "truncate-data":
+        with open(entry / DATA_FILE, "r+b") as data:
+            data.truncate((entry / DATA_FILE).stat().st_size // 2)
+    elif damage == "truncate-graph":
+        (entry / GRAPH_FILE).write_bytes((entry / GRAPH_FILE).read_bytes()[:100])
+    elif damage == "garble-graph":  # same size, so only the session creation can tell
+        size = (entry / GRAPH_FILE).stat().st_size
+        (entry / GRAPH_FILE).write_bytes(b"\xff" * size)
+    else:
+        (entry / ENTRY_FILE).write_text("{not json")
+    logits, source = _logits(fused, tmp_path)
+    assert source.startswith("prepared-session cache built"), source
+    assert "the old entry was unusable" in source
+    assert np.array_equal(logits, expected)
+    logits, source = _logits(fused, tmp_path)
+    assert source == "prepared-session cache hit"
+    assert np.array_equal(logits, expected)
+
+
+def test_a_different_key_misses(fused: Path, tmp_path: Path) -> None:
+    model = fused / "model.onnx"
+    assert open_session(model, cache=tmp_path).status == "built"
+    assert open_session(model, cache=tmp_path).status == "hit"
+    other = open_session(model, cache=tmp_path, model_sha256="0" * 64)
+    assert other.status == "built"  # another model sha: another entry
+    assert len(_entries(tmp_path)) == 1  # ... which replaced the stale one of this path
+    stat = model.stat()
+    try:  # the file changed under an unchanged manifest (a load with verify=False)
+        os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        assert open_session(model, cache=tmp_path).status == "built"
+    finally:
+        os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_thread_count_shares_one_entry(fused: Path, tmp_path: Path) -> None:
+    model = fused / "model.onnx"
+    assert open_session(model, threads=1, spinning=False, cache=tmp_path).status == "built"
+    assert open_session(model, threads=2, cache=tmp_path).status == "hit"
+
+
+@pytest.mark.parametrize("how", ["not-a-directory", "full"])
+def test_an_unwritable_cache_warns_and_loads_normally(
+    fused: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    expected, _ = _logits(fused, False)
+    if how == "not-a-directory":  # root may write anywhere, so a file stands in the way
+        root = tmp_path / "file"
+        root.write_text("")
+    else:
+        root = tmp_path / "cache"
+
+        def full(*args: Any, **kwargs: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(session_cache, "_fsync", full)
+    with pytest.warns(SessionCacheWarning, match="prepared-session cache not used") as caught:
+        logits, source = _logits(fused, root)
+    assert len(caught) == 1
+    assert np.array_equal(logits, expected)
+    assert "cache" in source and "hit" not in source
+    if how == "full":
+        assert not list(root.iterdir())  # the temporary folder was removed
+
+
+def test_a_read_only_cache_still_serves_hits(
+    fused: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _logits(fused, tmp_path)
+
+    def read_only(*args: Any, **kwargs: Any) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(session_cache.tempfile, "mkdtemp", read_only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _logits(fused, tmp_path)[1] == "prepared-session cache hit"
+
+
+def test_a_lost_race_keeps_the_winners_entry(
+    fused: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    winner = tmp_path / "winner"
+    _logits(fused, winner)
+    (entry,) = _entries(winner)
+    real_rename = os.rename
+
+    def rename_after_the_other_process(src: Any, dst: Any) -> None:
+        shutil.copytree(entry, dst)  # the other process renamed its entry first
+        real_rename(src, dst)
+
+    monkeypatch.setattr(session_cache.os, "rename", rename_after_the_other_process)
+    root = tmp_path / "raced"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, source = _logits(fused, root)
+    assert source.startswith("prepared-session cache built")
+    monkeypatch.undo()
+    assert [p.name for p in root.iterdir()] == [entry.name]  # no temporary folder left
+    assert _logits(fused, root)[1] == "prepared-session cache hit"
+
+
+def test_an_entry_that_cannot_be_aligned_is_remembered(
+    fused: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unknown_format(folder: Path) -> int:
+        raise ValueError("unexpected pre-packed entry")
+
+    monkeypatch.setattr(session_cache, "align_external_data", unknown_format)
+    expected, source = _logits(fused, tmp_path)
+    assert source.startswith("prepared-session cache off: cannot align")
+    (entry,) = _entries(tmp_path)
+    assert [p.name for p in entry.iterdir()] == [ENTRY_FILE]  # no 2x-the-model files kept
+    monkeypatch.undo()
+    logits, source = _logits(fused, tmp_path)  # not rebuilt on every load
+    assert source.startswith("prepared-session cache off: cannot align")
+    assert np.array_equal(logits, expected)
+
+
+def test_environment_switches(fused: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, "0")
+    model = edge_slm.load(fused)
+    assert isinstance(model, edge_slm.TextGenerator)
+    assert model.model.session_source == "prepared-session cache off"
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())
+    forced = edge_slm.load(fused, cache=True)  # an explicit argument beats the variable
+    assert isinstance(forced, edge_slm.TextGenerator)
+    assert forced.model.session_source.startswith("prepared-session cache built")
+    monkeypatch.delenv(CACHE_ENV)
+    again = edge_slm.load(fused)
+    assert isinstance(again, edge_slm.TextGenerator)
+    assert again.model.session_source == "prepared-session cache hit"
+    # Build tools that open a graph directly get no cache unless they ask for one.
+    manifest, _ = read_manifest(fused)
+    assert manifest.decoder is not None
+    direct = open_decoder(fused / "model.onnx", manifest.decoder)
+    assert direct.session_source == "prepared-session cache off"
+
+
+def test_default_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "explicit"))
+    assert default_cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv(CACHE_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "edge-slm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "edge-slm"
+
+
+def test_the_suite_never_writes_the_home_cache() -> None:
+    assert Path(os.environ[CACHE_DIR_ENV]) != Path.home() / ".cache" / "edge-slm"
+
+
+def test_misaligned_blobs_are_moved_and_their_offsets_rewritten(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    arrays = {name: rng.random(size, dtype=np.float32) for name, size in [("a", 37), ("b", 50)]}
+    blob = rng.integers(0, 255, 301, dtype=np.uint8).tobytes()  # a pre-packed blob
+    data = bytearray()
+    initializers = []
+    for name, array in arrays.items():
+        offset = len(data)  # back to back: "b" starts at 148, not a multiple of 64
+        data += array.tobytes()
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in [("location", DATA_FILE), ("offset", str(offset))]:
+            tensor.external_data.add(key=key, value=value)
+        tensor.external_data.add(key="length", value=str(array.nbytes))
+        initializers.append(tensor)
+    packed_at = len(data)
+    data += blob
+    initializers[0].external_data.add(key="prepacked_0", value=f"MatMul+1|{packed_at};301;0")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "a"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [37])],
+        initializers,
+    )
+    (tmp_path / GRAPH_FILE).write_bytes(helper.make_model(graph).SerializeToString())
+    (tmp_path / DATA_FILE).write_bytes(bytes(data))
+
+    assert align_external_data(tmp_path) == 2  # "b" and the pre-packed blob
+    assert align_external_data(tmp_path) == 0
+    model = onnx.load(str(tmp_path / GRAPH_FILE), load_external_data=False)
+    moved = (tmp_path / DATA_FILE).read_bytes()
+    for tensor in model.graph.initializer:
+        entries = {e.key: e.value for e in tensor.external_data}
+        offset, length = int(entries["offset"]), int(entries["length"])
+        assert offset % 64 == 0
+        assert moved[offset : offset + length] == arrays[tensor.name].tobytes()
+    entries = {e.key: e.value for e in model.graph.initializer[0].external_data}
+    head, packed = entries["prepacked_0"].split("|")
+    offset, length, checksum = (int(x) for x in packed.split(";"))
+    assert (head, length, checksum) == ("MatMul+1", 301, 0) and offset % 64 == 0
+    assert moved[offset : offset + length] == blob
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="Linux only")
+def test_release_file_pages_keeps_data_and_private_copies(tmp_path: Path) -> None:
+    import mmap
+
+    path = tmp_path / "blob"
+    payload = np.arange(1 << 18, dtype=np.uint32).tobytes()  # 1 MiB
+    path.write_bytes(payload)
+    with open(path, "rb") as fh:
+        clean = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # MAP_PRIVATE
+    assert clean[:] == payload  # every page resident
+    assert session_cache.release_file_pages(path) == len(payload)
+    assert clean[:] == payload  # faults back in from the file
+    clean[0:4] = b"edge"  # a private copy now: that mapping must not be released
+    assert session_cache.release_file_pages(path) == 0
+    assert clean[0:4] == b"edge" and clean[4:] == payload[4:]
+    clean.close()
