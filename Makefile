@@ -13,7 +13,7 @@ ASSETS := .cache/assets
 # torch is pinned: these machines carry the 2.13.0 CPU wheel; an unpinned torch pulls CUDA.
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test test-slow runtime-check clean
+.PHONY: setup demo test test-slow runtime-check bench peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,18 @@ runtime-check: demo
 	$(PYTHON) -m venv .cache/runtime-venv
 	.cache/runtime-venv/bin/pip install -q .
 	.cache/runtime-venv/bin/python -c "import importlib.util as u, sys; bad=[m for m in ('torch','transformers','optimum','jinja2') if u.find_spec(m)]; sys.exit(f'unexpected: {bad}' if bad else 0)"
-	cd /tmp && $(CURDIR)/.cache/runtime-venv/bin/edge-slm chat $(CURDIR)/bundles/smollm2-135m-instruct-int4-shared "What is the capital of France?" --temperature 0
+	cd /tmp && $(CURDIR)/.cache/runtime-venv/bin/edge-slm chat $(CURDIR)/bundles/smollm2-135m-instruct-int4-small "What is the capital of France?" --temperature 0
+
+# Speed, memory and perplexity side by side with onnxruntime-genai and transformers
+# (about 30 minutes on 2 cores): builds the missing bundles and sets up the peers itself
+# (benchmarks/peers.py: genai's venv and int4 model under .cache/peers/); writes
+# docs/performance.md and docs/performance.png.
+bench: setup $(ASSETS)/.smollm2
+	$(PY) benchmarks/bench_decode.py
+
+# The peers alone (idempotent): bundles/smollm2-hf, .cache/peers/genai-venv, its model.
+peers: setup $(ASSETS)/.smollm2
+	$(PY) benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) .cache bundles

@@ -20,8 +20,11 @@ QUESTION = "What is the capital of France?"
 # bundle suffix -> quantization method (see quantize/methods.py)
 VARIANTS = {
     "int8": "int8",  # 8-bit weight-only, int8 activations
-    "int4": "gguf",  # 4-bit: the GGUF's own Q4_1 blocks carried over unchanged
-    "int4-shared": "int4-shared",  # 4-bit re-quantized, embedding shared with lm_head: smallest
+    # 4-bit, best quality: the GGUF's own Q4_1 layer blocks carried over unchanged, the
+    # Q8_0 embedding / lm_head re-quantized to 4 bits (searched scales), stored once
+    "int4": "gguf-head4",
+    # 4-bit, smallest and fastest: every weight re-quantized with searched scales
+    "int4-small": "int4-search",
 }
 
 
