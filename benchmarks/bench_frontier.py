@@ -57,7 +57,6 @@ CONFIGS = [
     REFERENCE,
     Config("int4-search", symmetric=False),
     Config("int4-search", block_size=64),
-    Config("int4-search", block_size=128),
     Config("int4-search", accuracy_level=1),
     Config("int4-shared"),  # onnxruntime's round-to-nearest, asymmetric
     Config("int4-shared", symmetric=True),  # ... symmetric, as onnxruntime-genai's builder

@@ -235,15 +235,20 @@ def quantize_graph(
     for node in model.graph.node:
         weight = node.input[1] if len(node.input) > 1 else ""
         init = writer.initializers.get(weight)
-        if (
-            node.op_type != "MatMul"
-            or node.domain not in ("", "ai.onnx")
-            or init is None
-            or len(init.dims) != 2
-            or init.dims[0] % settings.block_size
-        ):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             nodes.append(node)
             continue
+        if init is None or len(init.dims) != 2:
+            nodes.append(node)
+            continue
+        if init.dims[0] % settings.block_size:
+            ks = sorted({int(t.dims[0]) for t in writer.initializers.values() if len(t.dims) == 2})
+            allowed = [b for b in (16, 32, 64, 128, 256) if all(k % b == 0 for k in ks)]
+            raise QuantizationError(
+                f"{node.name}: K={init.dims[0]} is not a multiple of block_size "
+                f"{settings.block_size} (a padded block is not supported by searched "
+                f"scales); block sizes that fit every weight here: {allowed}"
+            )
         bits = bits_for.get(node.name, settings.bits)
         symmetric = settings.symmetric or bits == 8
         blocks = quantize_blocks(

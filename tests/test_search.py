@@ -219,3 +219,15 @@ def test_gguf_head4_keeps_the_layer_blocks_and_requantizes_the_head(gguf_pair: A
     assert (read_bundle(head4).quantization.size_after_bytes or 0) < (
         read_bundle(carried).quantization.size_after_bytes or 0
     )
+
+
+def test_a_block_size_that_does_not_divide_k_is_refused(fused_llama: Path, tmp_path: Path) -> None:
+    """Never a silently unquantized weight: the error names the sizes that fit."""
+    from quantize.bundle import quantize_bundle
+
+    graph = onnx.load(str(fused_llama / "model.onnx")).graph
+    ks = {int(t.dims[0]) for t in graph.initializer if len(t.dims) == 2}
+    bad = next(b for b in (16, 32, 64, 128, 256, 512) if any(k % b for k in ks))
+    with pytest.raises(QuantizationError, match=r"not a multiple of block_size .*fit"):
+        quantize_bundle(fused_llama, tmp_path / "bad", "int4-search", block_size=bad)
+    assert not (tmp_path / "bad").exists()
