@@ -142,6 +142,11 @@ def main() -> int:
         )
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     table = "\n".join(lines)
+    kept = ""  # hand-written notes from "## Reading it" on are kept
+    if args.out.exists():
+        old = args.out.read_text(encoding="utf-8")
+        if "\n## Reading it" in old:
+            kept = "\n" + old[old.index("\n## Reading it") + 1 :]
     args.out.write_text(
         "# The 4-bit frontier: SmolLM2-135M-Instruct\n\n"
         f"Measured {when} by `benchmarks/bench_frontier.py` ({args.rounds} interleaved "
@@ -150,7 +155,8 @@ def main() -> int:
         "`int4-search` in the same round. For the GGUF rows, block size and symmetry "
         "describe the carried Q4_1 blocks' container (MatMulNBits block 32 with offsets).\n\n"
         + table
-        + "\n",
+        + "\n"
+        + kept,
         encoding="utf-8",
     )
     print(table)
