@@ -37,8 +37,13 @@ test: setup
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
-# Real-model checks (SmolLM2-135M against transformers): minutes, opt-in.
-test-slow: setup $(ASSETS)/.smollm2
+$(ASSETS)/.encoders: $(VENV)/.installed
+	$(PY) examples/fetch_assets.py --dest $(ASSETS) --only-encoders
+	touch $@
+
+# Real-model checks (SmolLM2-135M and MiniLM against transformers): minutes, opt-in.
+# A missing asset fails a test instead of skipping it.
+test-slow: setup $(ASSETS)/.smollm2 $(ASSETS)/.encoders
 	EDGE_SLM_ASSETS=$(ASSETS) $(PY) -m pytest -q -m slow
 
 # The device's view: a venv with `pip install .` only (numpy, onnxruntime, tokenizers),

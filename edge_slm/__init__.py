@@ -92,11 +92,10 @@ def load(
     folder = Path(path)
     manifest = read_bundle(folder, verify=verify)
     setting = session_cache.env_enabled() if cache is None else cache
-    with session_cache.requested(setting):
-        if manifest.task == "text-generation":
-            return TextGenerator(folder, manifest, threads=threads, spinning=spinning)
-        if manifest.task == "text-classification":
-            return TextClassifier(folder, manifest, threads=threads, spinning=spinning)
-        if manifest.task == "feature-extraction":
-            return TextEmbedder(folder, manifest, threads=threads, spinning=spinning)
+    if manifest.task == "text-generation":
+        return TextGenerator(folder, manifest, threads=threads, spinning=spinning, cache=setting)
+    if manifest.task == "text-classification":
+        return TextClassifier(folder, manifest, threads=threads, spinning=spinning, cache=setting)
+    if manifest.task == "feature-extraction":
+        return TextEmbedder(folder, manifest, threads=threads, spinning=spinning, cache=setting)
     raise BundleError(f"bundle task {manifest.task!r} is not supported by this runtime yet")

@@ -36,6 +36,7 @@ from edge_slm.encoder import (
     check_truncation,
 )
 from edge_slm.errors import BundleError, InvalidArgumentError
+from edge_slm.session_cache import CacheSetting
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MULTI_LABEL_THRESHOLD = 0.5
@@ -118,6 +119,7 @@ class TextClassifier:
         manifest: Manifest,
         threads: int | None = None,
         spinning: bool | None = None,
+        cache: CacheSetting = None,
     ) -> None:
         if manifest.task != "text-classification" or not manifest.labels:
             raise BundleError(
@@ -126,7 +128,7 @@ class TextClassifier:
             )
         self.manifest = manifest
         self.labels: tuple[str, ...] = tuple(manifest.labels)
-        self.model = EncoderModel(folder, manifest, threads, spinning)
+        self.model = EncoderModel(folder, manifest, threads, spinning, cache=cache)
         assert manifest.encoder is not None
         self.multi_label = manifest.encoder.problem_type == "multi_label_classification"
 

@@ -32,6 +32,7 @@ from edge_slm.encoder import (
     check_truncation,
 )
 from edge_slm.errors import BundleError, InvalidArgumentError
+from edge_slm.session_cache import CacheSetting
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -45,13 +46,14 @@ class TextEmbedder:
         manifest: Manifest,
         threads: int | None = None,
         spinning: bool | None = None,
+        cache: CacheSetting = None,
     ) -> None:
         if manifest.task != "feature-extraction":
             raise BundleError(
                 f"TextEmbedder needs a feature-extraction bundle, got {manifest.task!r}"
             )
         self.manifest = manifest
-        self.model = EncoderModel(folder, manifest, threads, spinning)
+        self.model = EncoderModel(folder, manifest, threads, spinning, cache=cache)
         assert manifest.encoder is not None
         self.normalized = manifest.encoder.normalize
         self.dimension = manifest.encoder.hidden_size

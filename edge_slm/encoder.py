@@ -27,6 +27,7 @@ from tokenizers import Encoding, Tokenizer
 from edge_slm.bundle import EncoderIO, Manifest
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
 from edge_slm.session import create_session
+from edge_slm.session_cache import CacheSetting
 
 TextInput = str | tuple[str, str]
 Truncation = Literal["error", "warn", "silent"]
@@ -101,6 +102,7 @@ class EncoderModel:
         manifest: Manifest,
         threads: int | None = None,
         spinning: bool | None = None,
+        cache: CacheSetting = None,
     ) -> None:
         if manifest.encoder is None:
             raise BundleError(f"a {manifest.task} bundle needs an 'encoder' section")
@@ -109,7 +111,9 @@ class EncoderModel:
         self.max_length = manifest.context_length
         # The tokenizer before the session: lower peak RSS (see TextGenerator).
         self.tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
-        self.session = create_session(folder / manifest.files["model"], threads, spinning)
+        self.session = create_session(
+            folder / manifest.files["model"], threads, spinning, cache=cache
+        )
         self._check_graph()
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()

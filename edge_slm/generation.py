@@ -36,6 +36,7 @@ from edge_slm.sampling import (
     make_sampler,
     top_logprobs,
 )
+from edge_slm.session_cache import CacheSetting
 from edge_slm.stopping import Deadline, FinishReason, StopStringMatcher
 
 
@@ -165,6 +166,7 @@ class TextGenerator:
         manifest: Manifest,
         threads: int | None = None,
         spinning: bool | None = None,
+        cache: CacheSetting = None,
     ) -> None:
         start = time.perf_counter()
         assert manifest.decoder is not None  # guaranteed by Manifest validation
@@ -174,7 +176,7 @@ class TextGenerator:
         # reuses; loaded after the session it left ~19 MiB more peak RSS (SmolLM2).
         self.tokenizer: Tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
         self.model = open_decoder(
-            folder / manifest.files["model"], manifest.decoder, threads, spinning
+            folder / manifest.files["model"], manifest.decoder, threads, spinning, cache=cache
         )
         self.chat_format = (
             ChatFormat.from_dict(manifest.chat_format) if manifest.chat_format else None

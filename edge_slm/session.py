@@ -164,7 +164,7 @@ def open_session(
         threads = threads or defaults.threads
         spinning = defaults.spinning if spinning is None else spinning
     options = _options_factory(threads, spinning)
-    setting = session_cache.current_request() if cache is None else cache
+    setting = cache
     if setting is None or setting is False:
         session = ort.InferenceSession(
             str(model_path), options(), providers=["CPUExecutionProvider"]
@@ -198,7 +198,8 @@ def create_session(
             (``EDGE_SLM_SPINNING``, else off on a fully loaded CPU, else onnxruntime's
             default). Turning it off helps on a CPU shared with other work (a kiosk UI).
         cache: the prepared-session cache: True (default folder), a folder, False
-            (off); None: what :func:`edge_slm.load` asked for (off outside it).
+            (off); None: off (:func:`edge_slm.load` passes its own default: on unless
+            ``EDGE_SLM_CACHE=0``).
         model_sha256: the graph's sha256; None: read from the bundle manifest beside
             ``model_path`` (no manifest: no cache).
     """

