@@ -164,19 +164,15 @@ def open_session(
         threads = threads or defaults.threads
         spinning = defaults.spinning if spinning is None else spinning
     options = _options_factory(threads, spinning)
-    setting = cache
-    if setting is None or setting is False:
-        session = ort.InferenceSession(
-            str(model_path), options(), providers=["CPUExecutionProvider"]
-        )
-        return CachedSession(session, "off", "prepared-session cache off")
-    sha = model_sha256 or bundle_model_sha256(Path(model_path))
+    enabled = cache is not None and cache is not False
+    sha = (model_sha256 or bundle_model_sha256(Path(model_path))) if enabled else None
     if sha is None:
         session = ort.InferenceSession(
             str(model_path), options(), providers=["CPUExecutionProvider"]
         )
-        return CachedSession(session, "off", "no prepared-session cache: no manifest checksum")
-    cache_dir = None if setting is True else Path(setting)
+        why = "no manifest checksum" if enabled else "off"
+        return CachedSession(session, "off", f"prepared-session cache {why}")
+    cache_dir = Path(cache) if isinstance(cache, (str, Path)) else None
     return session_cache.open_cached(Path(model_path), sha, options, cache_dir)
 
 

@@ -105,7 +105,19 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
 
 class BlockWriter:
     """Replaces ``MatMul(x, W)`` nodes by MatMulNBits over :class:`Blocks`, collecting the
-    new nodes and initializers (the caller splices them into the graph)."""
+    new nodes and initializers; :meth:`splice` puts them into the graph."""
+
+    def splice(self, model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+        """Make ``nodes`` the graph's nodes, add the new initializers, drop unused ones
+        and declare the com.microsoft opset."""
+        from quantize.graph_passes import remove_unused_initializers
+
+        model.graph.ClearField("node")
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(self.new_inits)
+        remove_unused_initializers(model.graph)
+        if not any(op.domain == _MS for op in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(_MS, 1))
 
     def __init__(
         self, model: onnx.ModelProto, accuracy_level: int | None, half_storage: bool = True

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from quantize.blocks import MIN_TERM_SUFFIX, Blocks, BlockWriter
 from quantize.errors import QuantizationError
@@ -343,14 +343,7 @@ def transcode_gguf(
         worst = max(worst, diff)
         types.update(kinds)
         nodes.extend(rewriter.replace(node, weight, blocks))
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    graph.initializer.extend(rewriter.new_inits)
-    from quantize.graph_passes import remove_unused_initializers
-
-    remove_unused_initializers(graph)
-    if not any(op.domain == _MS for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(_MS, 1))
+    rewriter.splice(model, nodes)
     return GGUFResult(
         model=model,
         settings=settings,

@@ -25,12 +25,18 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from quantize.blocks import Blocks, BlockWriter
 from quantize.errors import QuantizationError
-from quantize.graph_passes import fold_weight_transposes, remove_unused_initializers, rewrite_gemms
-from quantize.weight_only import MatMulCensus, WeightOnlySettings, census, logits_producer
+from quantize.graph_passes import fold_weight_transposes, rewrite_gemms
+from quantize.weight_only import (
+    MatMulCensus,
+    WeightOnlySettings,
+    census,
+    census_details,
+    logits_producer,
+)
 
 _MS = "com.microsoft"
 
@@ -184,10 +190,7 @@ class SearchedResult:
         """JSON-ready facts for ``Quantization.details``."""
         widths = sorted(set(self.bits.values()))
         return {
-            "quantized_matmuls": self.census.quantized,
-            "remaining_float_matmuls": self.census.float_weight,
-            "remaining_float_matmul_nodes": list(self.census.float_weight_nodes),
-            "activation_matmuls": self.census.activation,
+            **census_details(self.census),
             "gemms_rewritten": self.gemms_rewritten,
             "lm_head": "quantized" if self.lm_head == "MatMulNBits" else f"float ({self.lm_head})",
             "blocks": (
@@ -260,12 +263,7 @@ def quantize_graph(
         )
         nodes.extend(writer.replace(node, weight.removesuffix(".T"), blocks))
         chosen[node.name] = bits
-    model.graph.ClearField("node")
-    model.graph.node.extend(nodes)
-    model.graph.initializer.extend(writer.new_inits)
-    remove_unused_initializers(model.graph)
-    if not any(op.domain == _MS for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(_MS, 1))
+    writer.splice(model, nodes)
     return SearchedResult(
         model=model,
         settings=settings,

@@ -105,10 +105,7 @@ class WeightOnlyResult:
         else:
             tied = None
         return {
-            "quantized_matmuls": self.census.quantized,
-            "remaining_float_matmuls": self.census.float_weight,
-            "remaining_float_matmul_nodes": list(self.census.float_weight_nodes),
-            "activation_matmuls": self.census.activation,
+            **census_details(self.census),
             "gemms_rewritten": self.gemms_rewritten,
             "gemms_kept": list(self.gemms_kept),
             "lm_head": "quantized" if self.lm_head == "MatMulNBits" else f"float ({self.lm_head})",
@@ -167,6 +164,16 @@ def census(model: onnx.ModelProto) -> MatMulCensus:
             else:
                 activation += 1
     return MatMulCensus(quantized, len(float_nodes), activation, tuple(float_nodes))
+
+
+def census_details(counts: MatMulCensus) -> dict[str, Any]:
+    """The manifest's MatMul counts (``Quantization.details``), from a census."""
+    return {
+        "quantized_matmuls": counts.quantized,
+        "remaining_float_matmuls": counts.float_weight,
+        "remaining_float_matmul_nodes": list(counts.float_weight_nodes),
+        "activation_matmuls": counts.activation,
+    }
 
 
 def logits_producer(model: onnx.ModelProto, logits: str) -> str:
