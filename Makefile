@@ -56,7 +56,7 @@ runtime-check: demo
 	cd /tmp && $(CURDIR)/.cache/runtime-venv/bin/edge-slm chat $(CURDIR)/bundles/smollm2-135m-instruct-int4-small "What is the capital of France?" --temperature 0
 
 # Speed, memory and perplexity side by side with onnxruntime-genai and transformers
-# (about 30 minutes on 2 cores): builds the missing bundles and sets up the peers itself
+# (measuring: 9 minutes on 2 cores, plus set-up the first time): builds the missing bundles and sets up the peers itself
 # (benchmarks/peers.py: genai's venv and int4 model under .cache/peers/); writes
 # docs/performance.md and docs/performance.png.
 bench: setup $(ASSETS)/.smollm2
