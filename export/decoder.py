@@ -25,7 +25,7 @@ from export.source import LoadedSource, load_source
 from export.validate import validate_decoder
 
 SUPPORTED_DECODERS = ("gpt2", "llama", "qwen2")
-FUSED_DECODERS = ("llama", "qwen2")  # families export/fused.py builds
+FUSED_DECODERS = ("llama", "qwen2", "gpt2")  # families export/fused(_gpt2).py build
 GRAPHS = ("auto", "optimum", "fused")
 DEFAULT_TOLERANCE = 1e-3
 _TOOLS = ("edge-slm", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
@@ -38,7 +38,7 @@ class ExportOptions:
     tolerance: float = DEFAULT_TOLERANCE
     opset: int | None = None
     # "auto": fused for the families export/fused.py builds, optimum's graph otherwise;
-    # "optimum": optimum's plain graph; "fused": export/fused.py (Llama/Qwen2 only)
+    # "optimum": optimum's plain graph; "fused": export/fused.py (Llama, Qwen2; GPT-2 in export/fused_gpt2.py)
     graph: str = "auto"
     overwrite: bool = False
 

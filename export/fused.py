@@ -1,4 +1,4 @@
-"""A fused decoder graph for Llama and Qwen2, written with ``onnx.helper`` from torch weights.
+"""A fused decoder graph for Llama and Qwen2 (GPT-2: ``fused_gpt2.py``), written with ``onnx.helper`` from torch weights.
 
 optimum's export spells attention, rotary embedding and RMS norm out in ~100 small ONNX
 ops per layer (about 3,150 kernel nodes per step for SmolLM2-135M, half the time in
@@ -47,7 +47,7 @@ from edge_slm.bundle import DecoderIO
 from export.errors import UnsupportedModelError
 from export.graph_io import save_graph
 
-FUSED_FAMILIES = ("llama", "qwen2")
+FUSED_FAMILIES = ("llama", "qwen2", "gpt2")  # gpt2: export/fused_gpt2.py
 LAYOUT = "gqa-shared"
 OPSET = 17
 _MS = "com.microsoft"
@@ -64,12 +64,12 @@ class FusedGraph:
     nodes: int
 
 
-def _np(tensor: Any) -> np.ndarray:
+def as_numpy(tensor: Any) -> np.ndarray:
     """A torch tensor as a contiguous float32 numpy array."""
     return np.ascontiguousarray(tensor.detach().float().cpu().numpy())
 
 
-class _Graph:
+class GraphBuilder:
     """Nodes and initializers collected in order, with unique node names."""
 
     def __init__(self) -> None:
@@ -114,7 +114,7 @@ def _rotary_caches(model: Any, max_length: int, head_dim: int) -> tuple[np.ndarr
     probe = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
         cos, sin = rotary(probe, positions)  # [1, L, head_dim], half-split layout
-    cos_np, sin_np = _np(cos[0]), _np(sin[0])
+    cos_np, sin_np = as_numpy(cos[0]), as_numpy(sin[0])
     half = head_dim // 2
     if cos_np.shape[-1] != head_dim or not (
         np.array_equal(cos_np[:, :half], cos_np[:, half:])
@@ -141,7 +141,7 @@ def fused_decoder_io(config: Any, max_length: int) -> DecoderIO:
 
 
 def _check_supported(config: Any) -> None:
-    if config.model_type not in FUSED_FAMILIES:
+    if config.model_type not in FUSED_FAMILIES or config.model_type == "gpt2":
         raise UnsupportedModelError(
             f"the fused graph supports {list(FUSED_FAMILIES)}, not {config.model_type!r} "
             "(use --graph optimum)"
@@ -169,17 +169,21 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
         UnsupportedModelError: another family, or a feature the graph does not express.
     """
     config = model.config
+    if config.model_type == "gpt2":
+        from export.fused_gpt2 import build_fused_gpt2
+
+        return build_fused_gpt2(model, out_path, max_length)
     _check_supported(config)
     io = fused_decoder_io(config, int(max_length or config.max_position_embeddings))
     assert io.max_length is not None
     heads, kv_heads, head_dim = config.num_attention_heads, io.num_kv_heads, io.head_dim
     eps = float(config.rms_norm_eps)
-    g = _Graph()
+    g = GraphBuilder()
     cos, sin = _rotary_caches(model, io.max_length, head_dim)
     g.weight("cos_cache", cos)
     g.weight("sin_cache", sin)
 
-    embed = _np(model.model.embed_tokens.weight)  # [V, H]
+    embed = as_numpy(model.model.embed_tokens.weight)  # [V, H]
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     if tied:
         # One copy: E^T [H, V] serves the lm_head MatMul and the lookup along axis 1.
@@ -190,14 +194,16 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
     else:
         table = g.weight("embed_tokens.weight", embed)
         g.node("Gather", [table, "input_ids"], ["embeds"], "embed", axis=0)  # [B, S, H]
-        lm_head = g.weight("lm_head.weight.T", np.ascontiguousarray(_np(model.lm_head.weight).T))
+        lm_head = g.weight(
+            "lm_head.weight.T", np.ascontiguousarray(as_numpy(model.lm_head.weight).T)
+        )
 
     residual = "embeds"
     mlp_out: str | None = None
     for i, layer in enumerate(model.model.layers):
         p = f"layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
-        ln1 = g.weight(f"{p}.input_layernorm.weight", _np(layer.input_layernorm.weight))
+        ln1 = g.weight(f"{p}.input_layernorm.weight", as_numpy(layer.input_layernorm.weight))
         if mlp_out is None:
             (normed,) = g.node(
                 "SimplifiedLayerNormalization",
@@ -217,7 +223,11 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
                 epsilon=eps,
             )
         qkv_w = np.concatenate(
-            [_np(attn.q_proj.weight).T, _np(attn.k_proj.weight).T, _np(attn.v_proj.weight).T],
+            [
+                as_numpy(attn.q_proj.weight).T,
+                as_numpy(attn.k_proj.weight).T,
+                as_numpy(attn.v_proj.weight).T,
+            ],
             axis=1,
         )  # [H, (heads + 2 kv_heads) * head_dim]
         (qkv,) = g.node(
@@ -228,7 +238,7 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
         )
         if attn.q_proj.bias is not None:
             bias = np.concatenate(
-                [_np(attn.q_proj.bias), _np(attn.k_proj.bias), _np(attn.v_proj.bias)]
+                [as_numpy(attn.q_proj.bias), as_numpy(attn.k_proj.bias), as_numpy(attn.v_proj.bias)]
             )
             (qkv,) = g.node(
                 "Add", [qkv, g.weight(f"{p}.qkv_proj.bias", bias)], [f"{p}.qkv_b"], f"{p}.qkv_bias"
@@ -260,7 +270,9 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
             "MatMul",
             [
                 context,
-                g.weight(f"{p}.o_proj.weight", np.ascontiguousarray(_np(attn.o_proj.weight).T)),
+                g.weight(
+                    f"{p}.o_proj.weight", np.ascontiguousarray(as_numpy(attn.o_proj.weight).T)
+                ),
             ],
             [f"{p}.o"],
             f"{p}.o_proj",
@@ -268,12 +280,12 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
         if getattr(attn.o_proj, "bias", None) is not None:
             (attn_out,) = g.node(
                 "Add",
-                [attn_out, g.weight(f"{p}.o_proj.bias", _np(attn.o_proj.bias))],
+                [attn_out, g.weight(f"{p}.o_proj.bias", as_numpy(attn.o_proj.bias))],
                 [f"{p}.o_b"],
                 f"{p}.o_bias",
             )
         ln2 = g.weight(
-            f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)
+            f"{p}.post_attention_layernorm.weight", as_numpy(layer.post_attention_layernorm.weight)
         )
         normed2, _, _, residual = g.node(
             "SkipSimplifiedLayerNormalization",
@@ -286,7 +298,9 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
         if getattr(mlp.gate_proj, "bias", None) is not None:
             raise UnsupportedModelError("MLP biases are not supported by the fused graph")
         inter = mlp.gate_proj.weight.shape[0]
-        gate_up_w = np.concatenate([_np(mlp.gate_proj.weight).T, _np(mlp.up_proj.weight).T], axis=1)
+        gate_up_w = np.concatenate(
+            [as_numpy(mlp.gate_proj.weight).T, as_numpy(mlp.up_proj.weight).T], axis=1
+        )
         (gate_up,) = g.node(
             "MatMul",
             [normed2, g.weight(f"{p}.gate_up_proj.weight", np.ascontiguousarray(gate_up_w))],
@@ -305,14 +319,14 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
             [
                 act,
                 g.weight(
-                    f"{p}.down_proj.weight", np.ascontiguousarray(_np(mlp.down_proj.weight).T)
+                    f"{p}.down_proj.weight", np.ascontiguousarray(as_numpy(mlp.down_proj.weight).T)
                 ),
             ],
             [f"{p}.down"],
             f"{p}.down_proj",
         )
     assert mlp_out is not None
-    final_w = g.weight("norm.weight", _np(model.model.norm.weight))
+    final_w = g.weight("norm.weight", as_numpy(model.model.norm.weight))
     (final,) = g.node(
         "SkipSimplifiedLayerNormalization",
         [mlp_out, residual, final_w],
@@ -323,8 +337,12 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
     )
     g.node("Gather", [final, "logits_positions"], ["picked"], "pick_positions", axis=1)
     g.node("MatMul", ["picked", lm_head], ["logits"], "lm_head")
+    return write_fused_graph(g, io, int(config.vocab_size), out_path)
 
-    vocab = int(config.vocab_size)
+
+def write_fused_graph(g: GraphBuilder, io: DecoderIO, vocab: int, out_path: Path) -> FusedGraph:
+    """Declare the fused graph's inputs and outputs (module docstring) and save it."""
+    kv_heads, head_dim = io.num_kv_heads, io.head_dim
     kv_shape: list[Any] = ["batch", kv_heads, "capacity", head_dim]
     present_shape: list[Any] = ["batch", kv_heads, "present_capacity", head_dim]
     inputs = [

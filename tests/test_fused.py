@@ -21,7 +21,7 @@ import edge_slm
 from edge_slm.bundle import Quantization, read_bundle, write_manifest
 from edge_slm.fused import FusedDecoderModel, FusedKVCache
 
-FUSED_FAMILIES = ("llama", "qwen2")
+FUSED_FAMILIES = ("llama", "qwen2", "gpt2")
 PROMPTS = [
     "The capital of France is",
     "Once upon a time",
@@ -80,13 +80,14 @@ def test_greedy_matches_transformers_token_for_token(
     assert len(set(seen)) >= 10  # a degenerate reference would make the check weak
 
 
-def test_prefix_reuse_gives_the_fresh_result(fused_bundles: dict[str, Path]) -> None:
-    model = edge_slm.load(fused_bundles["llama"])
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_prefix_reuse_gives_the_fresh_result(fused_bundles: dict[str, Path], family: str) -> None:
+    model = edge_slm.load(fused_bundles[family])
     system = "You are a kiosk assistant at the central station. Answer briefly. "
     model.generate(system + "Where is platform 4?", max_new_tokens=8, temperature=0.0)
     reused = model.generate(system + "Where are the toilets?", max_new_tokens=8, temperature=0.0)
     assert reused.timings.reused_prompt_tokens > 5
-    fresh = edge_slm.load(fused_bundles["llama"]).generate(
+    fresh = edge_slm.load(fused_bundles[family]).generate(
         system + "Where are the toilets?", max_new_tokens=8, temperature=0.0
     )
     assert fresh.timings.reused_prompt_tokens == 0
@@ -152,15 +153,16 @@ def _quantized_copy(src: Path, out: Path) -> Any:
     return result
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_int4_weight_only_loads_and_generates_on_the_fused_graph(
-    fused_bundles: dict[str, Path], bundles: dict[str, Path], tmp_path: Path
+    fused_bundles: dict[str, Path], bundles: dict[str, Path], tmp_path: Path, family: str
 ) -> None:
-    result = _quantized_copy(fused_bundles["llama"], tmp_path / "fused-int4")
+    result = _quantized_copy(fused_bundles[family], tmp_path / "fused-int4")
     # qkv, o, gate_up, down per layer, and the (tied) lm_head: nothing left in fp32
     assert result.census.quantized == 4 * 2 + 1
     assert result.census.float_weight == 0
     assert result.lm_head == "MatMulNBits"
-    _quantized_copy(bundles["llama"], tmp_path / "optimum-int4")
+    _quantized_copy(bundles[family], tmp_path / "optimum-int4")
     manifest = json.loads((tmp_path / "fused-int4" / "manifest.json").read_text())
     assert manifest["decoder"]["layout"] == "gqa-shared"
 

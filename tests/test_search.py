@@ -135,16 +135,21 @@ def fused_llama(fused_bundles: dict[str, Path]) -> Path:
     return fused_bundles["llama"]
 
 
-def test_int4_search_bundle_beats_round_to_nearest(fused_llama: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_int4_search_bundle_beats_round_to_nearest(
+    fused_bundles: dict[str, Path], tmp_path: Path, family: str
+) -> None:
     """End to end: the weights the searched bundle holds are closer to fp32 than the ones
     onnxruntime's symmetric quantizer writes, and the bundle generates."""
     from quantize.bundle import quantize_bundle
 
-    searched = quantize_bundle(fused_llama, tmp_path / "search", "int4-search")
-    rtn = quantize_bundle(fused_llama, tmp_path / "rtn", "int4-shared", symmetric=True)
+    source = fused_bundles[family]
+
+    searched = quantize_bundle(source, tmp_path / "search", "int4-search")
+    rtn = quantize_bundle(source, tmp_path / "rtn", "int4-shared", symmetric=True)
     fp32 = {
         t.name: numpy_helper.to_array(t)
-        for t in onnx.load(str(fused_llama / "model.onnx")).graph.initializer
+        for t in onnx.load(str(source / "model.onnx")).graph.initializer
     }
 
     def by_weight(bundle: Path) -> dict[str, np.ndarray]:
