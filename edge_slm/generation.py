@@ -406,10 +406,15 @@ class TextGenerator:
         return int(tokens.shape[1])
 
     def _model_sha256(self) -> str:
-        from edge_slm.bundle import sha256_file
+        """The graph's sha256: the manifest records it (checked at load unless
+        ``verify=False``); hashed here only when the manifest lacks it."""
+        from edge_slm.bundle import read_manifest, sha256_file
 
         if self._graph_sha256 is None:
-            self._graph_sha256 = sha256_file(self.folder / self.manifest.files["model"])
+            name = self.manifest.files["model"]
+            checksums = read_manifest(self.folder)[1]
+            recorded = checksums.get(name) if isinstance(checksums, dict) else None
+            self._graph_sha256 = recorded or sha256_file(self.folder / name)
         return self._graph_sha256
 
     # --------------------------------------------------------------- layer 2: text

@@ -93,6 +93,25 @@ class GraphBuilder:
         return outputs
 
 
+def embedding_lookup(
+    g: GraphBuilder, embedding: Any, lm_head_weight: Any, name: str, out: str
+) -> str:
+    """Token embeddings ``out [B, S, H]`` of ``input_ids``; returns the lm_head's B.
+
+    A tied embedding is stored once, transposed (``{name}.T``, ``[H, V]``): it is the
+    lm_head MatMul's B and the lookup is ``Gather(axis=1)`` + Transpose, the pattern
+    ``quantize/shared_embedding.py`` shares with a quantized lm_head.
+    """
+    table = as_numpy(embedding)  # [V, H]
+    if lm_head_weight.data_ptr() == embedding.data_ptr():
+        t = g.weight(f"{name}.T", np.ascontiguousarray(table.T))
+        g.node("Gather", [t, "input_ids"], [f"{out}_hbs"], "embed", axis=1)  # [H, B, S]
+        g.node("Transpose", [f"{out}_hbs"], [out], "embed_t", perm=[1, 2, 0])  # [B, S, H]
+        return t
+    g.node("Gather", [g.weight(name, table), "input_ids"], [out], "embed", axis=0)
+    return g.weight("lm_head.weight.T", np.ascontiguousarray(as_numpy(lm_head_weight).T))
+
+
 def _rotary_caches(model: Any, max_length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin ``[max_length, head_dim / 2]`` from the model's own rotary module."""
     import torch
@@ -183,20 +202,8 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
     g.weight("cos_cache", cos)
     g.weight("sin_cache", sin)
 
-    embed = as_numpy(model.model.embed_tokens.weight)  # [V, H]
-    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    if tied:
-        # One copy: E^T [H, V] serves the lm_head MatMul and the lookup along axis 1.
-        table = g.weight("embed_tokens.weight.T", np.ascontiguousarray(embed.T))
-        g.node("Gather", [table, "input_ids"], ["embed_hbs"], "embed", axis=1)  # [H, B, S]
-        g.node("Transpose", ["embed_hbs"], ["embeds"], "embed_t", perm=[1, 2, 0])  # [B, S, H]
-        lm_head = table
-    else:
-        table = g.weight("embed_tokens.weight", embed)
-        g.node("Gather", [table, "input_ids"], ["embeds"], "embed", axis=0)  # [B, S, H]
-        lm_head = g.weight(
-            "lm_head.weight.T", np.ascontiguousarray(as_numpy(model.lm_head.weight).T)
-        )
+    lm_head = embedding_lookup(g, model.model.embed_tokens.weight, model.lm_head.weight,
+                               "embed_tokens.weight", "embeds")  # fmt: skip
 
     residual = "embeds"
     mlp_out: str | None = None

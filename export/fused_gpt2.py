@@ -27,6 +27,7 @@ from export.fused import (
     FusedGraph,
     GraphBuilder,
     as_numpy,
+    embedding_lookup,
     fused_decoder_io,
     write_fused_graph,
 )
@@ -65,19 +66,7 @@ def build_fused_gpt2(model: Any, out_path: Path, max_length: int | None = None) 
     body = model.transformer
     g = GraphBuilder()
 
-    wte = as_numpy(body.wte.weight)  # [V, H]
-    tied = model.lm_head.weight.data_ptr() == body.wte.weight.data_ptr()
-    if tied:
-        table = g.weight("wte.weight.T", np.ascontiguousarray(wte.T))
-        g.node("Gather", [table, "input_ids"], ["tok_hbs"], "embed", axis=1)  # [H, B, S]
-        g.node("Transpose", ["tok_hbs"], ["tokens"], "embed_t", perm=[1, 2, 0])  # [B, S, H]
-        lm_head = table
-    else:
-        table = g.weight("wte.weight", wte)
-        g.node("Gather", [table, "input_ids"], ["tokens"], "embed", axis=0)
-        lm_head = g.weight(
-            "lm_head.weight.T", np.ascontiguousarray(as_numpy(model.lm_head.weight).T)
-        )
+    lm_head = embedding_lookup(g, body.wte.weight, model.lm_head.weight, "wte.weight", "tokens")
     # positions total - seq .. total - 1 (the new tokens' places after the past)
     g.weight("one", np.asarray(1, dtype=np.int64))
     g.node("Shape", ["input_ids"], ["seq_1d"], "seq_len", start=1, end=2)

@@ -274,8 +274,8 @@ METHODS: dict[str, Method] = {
     ),
     "int4-search": Method(
         name="int4-search",
-        # Symmetric: on SmolLM2 asymmetric blocks cost 2.8 MiB more for 0.5% perplexity
-        # (45.46 vs 45.67, uniform weights); --no-symmetric still gives them.
+        # Symmetric: on SmolLM2 asymmetric blocks cost 2.8 MiB more for 0.9% perplexity
+        # (44.74 vs 45.15, docs/quantization-frontier.md); --no-symmetric gives them.
         defaults=WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4),
         summary="4-bit symmetric, scales searched per block (least squares), stored as fp16; "
         "the tied embedding shares the lm_head's blocks",
