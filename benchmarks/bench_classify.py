@@ -117,7 +117,7 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def _sentences(path: Path, n: int) -> list[str]:
-    from edge_slm.records import read_records
+    from edge_slm.text.records import read_records
 
     texts = [r.text for r in read_records(path) if isinstance(r.text, str)]
     return texts[:n]

@@ -16,7 +16,7 @@ GGUF's own blocks, ``gguf-head4``), genai's int4 model run by its own loop, tran
 ``generate`` on torch fp32 and, as a second torch reference, a hand-written greedy loop
 over the same model with its KV cache.
 
-The torch rows run with the same thread rule as our engine (``edge_slm.session``): all
+The torch rows run with the same thread rule as our engine (``edge_slm.engine.session``): all
 ``--threads``, and when the load average already fills the CPUs, idle OpenMP workers
 sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``; onnxruntime's equivalent is
 spinning off). Without it, torch's OpenMP (libgomp) on a 2-core machine shared with
@@ -203,7 +203,7 @@ def ensure_bundles(variants: dict[str, tuple[Path, str]], torch_row: bool, optim
 def perplexities(engines: dict[str, Path]) -> dict[str, float]:
     """Perplexity per bundle on EVAL_TEXT, cached by the graph's sha256."""
     from edge_slm.bundle import read_manifest
-    from edge_slm.perplexity import bundle_perplexity
+    from edge_slm.generation.perplexity import bundle_perplexity
 
     cache: dict[str, float] = json.loads(PPL_CACHE.read_text()) if PPL_CACHE.exists() else {}
     found = {}
@@ -242,7 +242,7 @@ def run_edge(
 def torch_env(args: argparse.Namespace) -> dict[str, str]:
     """The torch child's environment: our thread rule, nothing inherited that changes it.
 
-    ``--torch-wait auto`` applies ``edge_slm.session``'s rule: when the load average
+    ``--torch-wait auto`` applies ``edge_slm.engine.session``'s rule: when the load average
     already fills the CPUs, OpenMP workers sleep at barriers (``OMP_WAIT_POLICY=PASSIVE``)
     as our onnxruntime sessions turn spinning off; otherwise libgomp's default.
     """
@@ -269,7 +269,7 @@ def genai_perplexity(model_dir: Path, reference_bundle: Path) -> float:
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from edge_slm.perplexity import _window_nll, encode_text, read_text, token_windows
+    from edge_slm.generation.perplexity import _window_nll, encode_text, read_text, token_windows
 
     digest = hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest()
     size = sum(p.stat().st_size for p in model_dir.glob("*.onnx*"))

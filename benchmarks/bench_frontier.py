@@ -94,7 +94,7 @@ def build(config: Config) -> Path:
 
 def bench(folder: Path) -> dict[str, float]:
     """``edge-slm bench --json`` in a fresh process (cold load: no prepared-session cache)."""
-    command = [sys.executable, "-m", "edge_slm.cli", "bench", str(folder), "--json"]
+    command = [sys.executable, "-m", "edge_slm.cli.main", "bench", str(folder), "--json"]
     command += ["--repeats", "3", "--no-cache"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:

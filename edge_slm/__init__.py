@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_slm.bundle import Manifest, read_bundle
-from edge_slm.classify import Classification, TextClassifier
-from edge_slm.embed import CosineIndex, Hit, TextEmbedder
-from edge_slm.encoder import TruncationWarning
+from edge_slm.encoders.classify import Classification, TextClassifier
+from edge_slm.encoders.embed import CosineIndex, Hit, TextEmbedder
+from edge_slm.encoders.encoder import TruncationWarning
 from edge_slm.errors import (
     BundleError,
     BundleVersionError,
@@ -24,7 +24,7 @@ from edge_slm.errors import (
     EdgeSlmError,
     InvalidArgumentError,
 )
-from edge_slm.generation import (
+from edge_slm.generation.model import (
     Chunk,
     GenerationOptions,
     GenerationResult,
@@ -78,7 +78,7 @@ def load(
         threads: onnxruntime intra-op threads; None uses every CPU this process may use.
         spinning: let idle onnxruntime threads spin (None keeps onnxruntime's default).
         verify: check every file's sha256 against the manifest before loading.
-        cache: the prepared-session cache (:mod:`edge_slm.session_cache`): a second
+        cache: the prepared-session cache (:mod:`edge_slm.engine.prepared_cache`): a second
             load of the same bundle skips graph optimization and weight pre-packing.
             True: on, in the default folder; a path: on, in that folder; False: off;
             None: on unless ``EDGE_SLM_CACHE=0``.
@@ -87,11 +87,11 @@ def load(
         BundleError: the folder is not a valid bundle (BundleVersionError for an
             unknown format version, ChecksumError for a modified or missing file).
     """
-    from edge_slm import session_cache
+    from edge_slm.engine import prepared_cache
 
     folder = Path(path)
     manifest = read_bundle(folder, verify=verify)
-    setting = session_cache.env_enabled() if cache is None else cache
+    setting = prepared_cache.env_enabled() if cache is None else cache
     if manifest.task == "text-generation":
         return TextGenerator(folder, manifest, threads=threads, spinning=spinning, cache=setting)
     if manifest.task == "text-classification":

@@ -1,6 +1,6 @@
 """Compile a Jinja chat template into a declarative ``chat_format`` for the runtime.
 
-The runtime (``edge_slm.chat``) must render prompts exactly as transformers'
+The runtime (``edge_slm.text.chat_format``) must render prompts exactly as transformers'
 ``apply_chat_template`` does, without jinja2 and without running template code on the
 device. Most chat templates only wrap each message in fixed text, so at build time we
 render the template (with transformers' own machinery) on conversations whose contents
@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from edge_slm.chat import KNOWN_ROLES, ChatFormat, RoleFormat
+from edge_slm.text.chat_format import KNOWN_ROLES, ChatFormat, RoleFormat
 
 __all__ = ["compile_chat_template", "render_with_transformers", "verify_chat_format"]
 

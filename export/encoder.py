@@ -31,7 +31,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from edge_slm.bundle import EncoderIO, Manifest, Provenance, SpecialTokens, write_manifest
-from edge_slm.encoder import EncoderModel
+from edge_slm.encoders.encoder import EncoderModel
 from export.decoder import prepare_output, tool_versions
 from export.errors import ExportError, UnsupportedModelError
 from export.pooling import LinearHead, Pooling, add_pooling

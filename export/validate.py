@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from edge_slm.bundle import DecoderIO, Validation
-from edge_slm.fused import open_decoder
+from edge_slm.generation.fused_step import open_decoder
 from export.errors import ValidationError
 
 VALIDATION_PROMPTS = (

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edge_slm.bundle import Validation
-from edge_slm.encoder import EncoderModel, TextInput
+from edge_slm.encoders.encoder import EncoderModel, TextInput
 from export.errors import ValidationError
 
 VALIDATION_TEXTS: tuple[TextInput, ...] = (

@@ -7,7 +7,7 @@ runtime never imports this package.
     >>> quantize_bundle("bundles/smollm2", "bundles/smollm2-int4", "int4", eval_text="prose.txt")
 """
 
-from edge_slm.perplexity import PerplexityResult, bundle_perplexity, perplexity
+from edge_slm.generation.perplexity import PerplexityResult, bundle_perplexity, perplexity
 from quantize.bundle import quantize_bundle
 from quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
 from quantize.methods import METHODS, Method, get_method

@@ -21,8 +21,8 @@ import onnx
 from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, Quantization, read_bundle, sha256_file, write_manifest
-from edge_slm.fused import open_decoder
-from edge_slm.perplexity import (
+from edge_slm.generation.fused_step import open_decoder
+from edge_slm.generation.perplexity import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_WINDOW,
     PerplexityResult,

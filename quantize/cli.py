@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edge_slm.bundle import Quantization, read_manifest
 from edge_slm.errors import EdgeSlmError
-from edge_slm.perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
+from edge_slm.generation.perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
 from export.progress import stderr_reporter
 from quantize.bundle import quantize_bundle
 from quantize.methods import METHODS

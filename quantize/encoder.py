@@ -15,7 +15,7 @@ Two methods, both from ``onnxruntime.quantization``:
 Both quantize the embedding tables too (``Gather``, int8), unless told not to: they are
 half of a small encoder's bytes (MiniLM: 91 MB fp32 -> 23 MB dynamic-int8).
 
-With an evaluation file (labelled JSONL/CSV, see :mod:`edge_slm.records`) the accuracy of
+With an evaluation file (labelled JSONL/CSV, see :mod:`edge_slm.text.records`) the accuracy of
 the fp32 and the quantized bundle are measured on it and recorded in the manifest's
 ``quantization`` section; with ``max_accuracy_drop_points`` the quantized bundle is
 refused (AccuracyDropError, nothing written) when it loses more than that many
@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 
 from edge_slm.bundle import Manifest, Quantization, read_bundle, sha256_file, write_manifest
-from edge_slm.classify import TextClassifier
-from edge_slm.embed import TextEmbedder, normalize_rows
-from edge_slm.encoder import EncoderModel, TextInput
+from edge_slm.encoders.classify import TextClassifier
+from edge_slm.encoders.embed import TextEmbedder, normalize_rows
+from edge_slm.encoders.encoder import EncoderModel, TextInput
 from edge_slm.errors import EdgeSlmError
-from edge_slm.records import Record, read_records
+from edge_slm.text.records import Record, read_records
 from export.progress import Reporter, silent_reporter, stderr_reporter, step
 from quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
 

@@ -16,7 +16,7 @@ from tiny_models import FAMILIES, build_model
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Keep the prepared-session cache (edge_slm.session_cache) out of the user's home."""
+    """Keep the prepared-session cache (edge_slm.engine.prepared_cache) out of the user's home."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EDGE_SLM_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
         yield

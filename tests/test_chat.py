@@ -22,8 +22,8 @@ from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from edge_slm.chat import PLAIN_CHAT_FORMAT, ChatFormat, RoleFormat, render_chat
 from edge_slm.errors import BundleError, ChatTemplateError, InvalidArgumentError
+from edge_slm.text.chat_format import PLAIN_CHAT_FORMAT, ChatFormat, RoleFormat, render_chat
 from export.chat_template import compile_chat_template, verify_chat_format
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -257,7 +257,7 @@ def test_compiled_format_renders_without_jinja2(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_runtime_module_does_not_import_jinja2() -> None:
-    code = "import sys, edge_slm.chat; assert 'jinja2' not in sys.modules, 'jinja2 imported'"
+    code = "import sys, edge_slm.text.chat_format; assert 'jinja2' not in sys.modules, 'jinja2 imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 

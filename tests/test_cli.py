@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_slm.cli import main
+from edge_slm.cli.main import main
 
 
 def test_generate_json(bundles: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,7 +89,7 @@ def test_choose_prints_one_probability_per_option(
 def test_perplexity_command(
     bundles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from edge_slm.perplexity import bundle_perplexity
+    from edge_slm.generation.perplexity import bundle_perplexity
 
     text = tmp_path / "t.txt"
     text.write_text("Paris is the capital of France. Once upon a time there lived a fox. " * 6)

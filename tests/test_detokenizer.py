@@ -1,4 +1,4 @@
-"""Tests of edge_slm.detokenizer on tiny tokenizers trained in the test session.
+"""Tests of edge_slm.text.detokenizer on tiny tokenizers trained in the test session.
 
 Four vocabularies, one per decoder family a small language model ships with:
 
@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from edge_slm.detokenizer import MAX_PENDING_TOKENS, StreamingDetokenizer
 from edge_slm.errors import InvalidArgumentError
+from edge_slm.text.detokenizer import MAX_PENDING_TOKENS, StreamingDetokenizer
 
 FFFD = "\ufffd"
 

@@ -11,7 +11,7 @@ from tiny_encoders import build_classifier, build_sentence_transformer
 
 import edge_slm
 from edge_slm import TextClassifier, TextEmbedder
-from edge_slm.cli import main
+from edge_slm.cli.main import main
 from export.encoder import export_encoder
 
 
@@ -104,7 +104,7 @@ def test_errors_are_reported_with_exit_code_2(
 
 def test_input_file_errors_name_the_problem(bundles: dict[str, Path], tmp_path: Path) -> None:
     from edge_slm.errors import InvalidArgumentError
-    from edge_slm.records import read_records
+    from edge_slm.text.records import read_records
 
     no_text = tmp_path / "bad.csv"
     no_text.write_text("sentence,label\nhello,1\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The fused decoder graph (export/fused.py) and its loop (edge_slm/fused.py) against transformers.
+"""The fused decoder graph (export/fused.py) and its loop (edge_slm/generation/fused_step.py) against transformers.
 
 Tiny random Llama (grouped-query attention, tied embeddings) and Qwen2 (q/k/v biases,
 untied lm_head): fp32 greedy output token for token, prefix reuse, scoring logits,
@@ -19,7 +19,7 @@ import pytest
 
 import edge_slm
 from edge_slm.bundle import Quantization, read_bundle, write_manifest
-from edge_slm.fused import FusedDecoderModel, FusedKVCache
+from edge_slm.generation.fused_step import FusedDecoderModel, FusedKVCache
 
 FUSED_FAMILIES = ("llama", "qwen2", "gpt2")
 PROMPTS = [
@@ -115,7 +115,7 @@ def test_scoring_logits_match_torch(
 def test_buffers_grow_without_changing_the_result(
     fused_bundles: dict[str, Path], torch_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edge_slm.fused as fused
+    import edge_slm.generation.fused_step as fused
 
     monkeypatch.setattr(fused, "_MIN_CAPACITY", 4)
     monkeypatch.setattr(fused, "_CAPACITY_STEP", 4)

@@ -10,7 +10,7 @@ import pytest
 from tiny_models import FAMILIES
 
 import edge_slm
-from edge_slm.stopping import FinishReason
+from edge_slm.text.stops import FinishReason
 
 LAYOUTS = ("optimum", "fused")
 

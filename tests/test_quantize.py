@@ -22,9 +22,9 @@ from tiny_models import CORPUS, FAMILIES
 from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, read_bundle, sha256_file
-from edge_slm.decoder import DecoderModel
 from edge_slm.errors import EdgeSlmError
-from edge_slm.perplexity import token_windows
+from edge_slm.generation.perplexity import token_windows
+from edge_slm.generation.plain_step import DecoderModel
 from quantize import (
     METHODS,
     AlreadyQuantizedError,

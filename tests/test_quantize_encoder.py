@@ -169,7 +169,7 @@ def test_edge_slm_quantize_dispatches_encoder_methods(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from edge_slm.cli import main
+    from edge_slm.cli.main import main
 
     out = tmp_path / "cli-int8"
     args = ["quantize", str(fp32["classifier"]), str(out), "--method", "static-int8"]

@@ -1,7 +1,7 @@
 """The sampler against its oracle, Hugging Face transformers' logits processors.
 
 Property tests feed random rows of logits (ties, very negative values, -inf) and random
-histories to edge_slm.sampling and to the transformers class it mirrors, and require the
+histories to edge_slm.generation.sampling and to the transformers class it mirrors, and require the
 same kept set (the same -inf positions) and the same softmax probabilities within 1e-5.
 
 Two known, documented differences are allowed for, nothing else:
@@ -42,7 +42,7 @@ from transformers.generation.logits_process import (
 from transformers.generation.utils import GenerationMixin
 
 from edge_slm.errors import InvalidArgumentError
-from edge_slm.sampling import (
+from edge_slm.generation.sampling import (
     FILTER_ORDER,
     PROCESSOR_ORDER,
     TokenLogprob,

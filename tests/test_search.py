@@ -18,7 +18,7 @@ import pytest
 from onnx import numpy_helper
 
 from edge_slm.bundle import read_bundle
-from edge_slm.fused import open_decoder
+from edge_slm.generation.fused_step import open_decoder
 from quantize.errors import QuantizationError
 from quantize.search import quantize_blocks
 

@@ -1,4 +1,4 @@
-"""Per-machine session defaults (edge_slm/session.py) and their overrides."""
+"""Per-machine session defaults (edge_slm/engine/session.py) and their overrides."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from edge_slm.engine.session import SPINNING_ENV, THREADS_ENV, default_threads, session_defaults
 from edge_slm.errors import InvalidArgumentError
-from edge_slm.session import SPINNING_ENV, THREADS_ENV, default_threads, session_defaults
 
 
 def test_defaults_follow_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 import edge_slm
 from edge_slm.bundle import read_bundle
-from edge_slm.fused import FusedDecoderModel, open_decoder
+from edge_slm.generation.fused_step import FusedDecoderModel, open_decoder
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Tests of edge_slm.stopping: stop strings over streamed pieces, stop tokens, deadlines."""
+"""Tests of edge_slm.text.stops: stop strings over streamed pieces, stop tokens, deadlines."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_slm.errors import InvalidArgumentError
-from edge_slm.stopping import (
+from edge_slm.text.stops import (
     Deadline,
     FinishReason,
     Stop,

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_slm.bundle import Manifest
-from edge_slm.encoder import (
+from edge_slm.encoders.encoder import (
     SORT_WINDOW_BATCHES,
     EncoderModel,
     TextInput,
@@ -31,8 +31,8 @@ from edge_slm.encoder import (
     check_positive,
     check_truncation,
 )
+from edge_slm.engine.prepared_cache import CacheSetting
 from edge_slm.errors import BundleError, InvalidArgumentError
-from edge_slm.session_cache import CacheSetting
 
 DEFAULT_BATCH_SIZE = 32
 

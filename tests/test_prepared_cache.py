@@ -1,4 +1,4 @@
-"""The prepared-session cache (edge_slm/session_cache.py): hits, misses, repairs, fallbacks."""
+"""The prepared-session cache (edge_slm/engine/prepared_cache.py): hits, misses, repairs, fallbacks."""
 
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 
 import edge_slm
-from edge_slm import session_cache
 from edge_slm.bundle import read_manifest
-from edge_slm.fused import open_decoder
-from edge_slm.session import bundle_model_sha256, open_session
-from edge_slm.session_cache import (
+from edge_slm.engine import prepared_cache
+from edge_slm.engine.prepared_cache import (
     CACHE_DIR_ENV,
     CACHE_ENV,
     DATA_FILE,
@@ -28,6 +26,8 @@ from edge_slm.session_cache import (
     align_external_data,
     default_cache_dir,
 )
+from edge_slm.engine.session import bundle_model_sha256, open_session
+from edge_slm.generation.fused_step import open_decoder
 
 IDS = np.asarray([[5, 17, 33, 90, 120, 7, 8, 41]], dtype=np.int64)
 PROMPT = "Once upon a time"
@@ -136,7 +136,7 @@ def test_an_unwritable_cache_warns_and_loads_normally(
         def full(*args: Any, **kwargs: Any) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(session_cache, "_fsync", full)
+        monkeypatch.setattr(prepared_cache, "_fsync", full)
     with pytest.warns(SessionCacheWarning, match="prepared-session cache not used") as caught:
         logits, source = _logits(fused, root)
     assert len(caught) == 1
@@ -154,7 +154,7 @@ def test_a_read_only_cache_still_serves_hits(
     def read_only(*args: Any, **kwargs: Any) -> str:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(session_cache.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(prepared_cache.tempfile, "mkdtemp", read_only)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _logits(fused, tmp_path)[1] == "prepared-session cache hit"
@@ -172,7 +172,7 @@ def test_a_lost_race_keeps_the_winners_entry(
         shutil.copytree(entry, dst)  # the other process renamed its entry first
         real_rename(src, dst)
 
-    monkeypatch.setattr(session_cache.os, "rename", rename_after_the_other_process)
+    monkeypatch.setattr(prepared_cache.os, "rename", rename_after_the_other_process)
     root = tmp_path / "raced"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -189,7 +189,7 @@ def test_an_entry_that_cannot_be_aligned_is_remembered(
     def unknown_format(folder: Path) -> int:
         raise ValueError("unexpected pre-packed entry")
 
-    monkeypatch.setattr(session_cache, "align_external_data", unknown_format)
+    monkeypatch.setattr(prepared_cache, "align_external_data", unknown_format)
     expected, source = _logits(fused, tmp_path)
     assert source.startswith("prepared-session cache off: cannot align")
     (entry,) = _entries(tmp_path)
@@ -292,9 +292,9 @@ def test_release_file_pages_keeps_data_and_private_copies(tmp_path: Path) -> Non
     with open(path, "rb") as fh:
         clean = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # MAP_PRIVATE
     assert clean[:] == payload  # every page resident
-    assert session_cache.release_file_pages(path) == len(payload)
+    assert prepared_cache.release_file_pages(path) == len(payload)
     assert clean[:] == payload  # faults back in from the file
     clean[0:4] = b"edge"  # a private copy now: that mapping must not be released
-    assert session_cache.release_file_pages(path) == 0
+    assert prepared_cache.release_file_pages(path) == 0
     assert clean[0:4] == b"edge" and clean[4:] == payload[4:]
     clean.close()

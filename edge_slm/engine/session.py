@@ -14,7 +14,7 @@ Overrides, strongest first: the ``threads`` / ``spinning`` arguments (the CLI's
 ``EDGE_SLM_THREADS`` (an integer >= 1) and ``EDGE_SLM_SPINNING`` (``0`` or ``1``).
 
 Sessions of bundles opened through :func:`edge_slm.load` come from the prepared-session
-cache (:mod:`edge_slm.session_cache`) unless it is turned off; a graph opened directly
+cache (:mod:`edge_slm.engine.prepared_cache`) unless it is turned off; a graph opened directly
 (build tools, a graph outside a bundle) is not cached unless ``cache`` asks for it.
 """
 
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edge_slm import session_cache
 from edge_slm.bundle import read_manifest
+from edge_slm.engine import prepared_cache
+from edge_slm.engine.prepared_cache import CachedSession, CacheSetting
 from edge_slm.errors import BundleError, InvalidArgumentError
-from edge_slm.session_cache import CachedSession, CacheSetting
 
 THREADS_ENV = "EDGE_SLM_THREADS"
 SPINNING_ENV = "EDGE_SLM_SPINNING"
@@ -173,7 +173,7 @@ def open_session(
         why = "no manifest checksum" if enabled else "off"
         return CachedSession(session, "off", f"prepared-session cache {why}")
     cache_dir = Path(cache) if isinstance(cache, (str, Path)) else None
-    return session_cache.open_cached(Path(model_path), sha, options, cache_dir)
+    return prepared_cache.open_cached(Path(model_path), sha, options, cache_dir)
 
 
 def create_session(

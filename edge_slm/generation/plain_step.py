@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_slm.bundle import DecoderIO
+from edge_slm.engine.prepared_cache import CacheSetting
+from edge_slm.engine.session import open_session
 from edge_slm.errors import BundleError
-from edge_slm.session import open_session
-from edge_slm.session_cache import CacheSetting
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 

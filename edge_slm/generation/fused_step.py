@@ -25,10 +25,10 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_slm.bundle import DecoderIO
-from edge_slm.decoder import DecoderModel, KVCache
+from edge_slm.engine.prepared_cache import CacheSetting
+from edge_slm.engine.session import open_session
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
-from edge_slm.session import open_session
-from edge_slm.session_cache import CacheSetting
+from edge_slm.generation.plain_step import DecoderModel, KVCache
 
 LAYOUT = "gqa-shared"
 _MIN_CAPACITY = 256

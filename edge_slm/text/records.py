@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_slm.encoder import TextInput
+from edge_slm.encoders.encoder import TextInput
 from edge_slm.errors import InvalidArgumentError
 
 FORMATS = ("jsonl", "csv", "txt")

@@ -10,7 +10,7 @@ The prompt is synthetic (the tokenizer's encoding of a fixed text, repeated to t
 wanted length) and decoding is greedy without stop tokens, so every run does the same
 work. Run one bundle per process for honest load times and peak memory.
 
-The load goes through the prepared-session cache (:mod:`edge_slm.session_cache`) like
+The load goes through the prepared-session cache (:mod:`edge_slm.engine.prepared_cache`) like
 any :func:`edge_slm.load`: the report says whether the session was a cache hit or was
 built now; ``cache=False`` (``edge-slm bench --no-cache``) measures a cold load.
 """
@@ -147,8 +147,8 @@ def run_bench(
             False: a cold load).
     """
     from edge_slm import load
-    from edge_slm.generation import TextGenerator
-    from edge_slm.session import session_defaults
+    from edge_slm.engine.session import session_defaults
+    from edge_slm.generation.model import TextGenerator
 
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
         raise InvalidArgumentError("prompt_tokens, new_tokens and repeats must be >= 1")

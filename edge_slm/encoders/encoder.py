@@ -1,6 +1,6 @@
 """Run an encoder graph on batches of texts: tokenize, truncate, pad per batch, run.
 
-Shared by :mod:`edge_slm.classify` and :mod:`edge_slm.embed`. Inputs are one text
+Shared by :mod:`edge_slm.encoders.classify` and :mod:`edge_slm.encoders.embed`. Inputs are one text
 (``str``) or a text pair (a ``(first, second)`` tuple, e.g. question and passage);
 the bundle's ``tokenizer.json`` adds the special tokens and token type ids for both.
 
@@ -25,9 +25,9 @@ import numpy.typing as npt
 from tokenizers import Encoding, Tokenizer
 
 from edge_slm.bundle import EncoderIO, Manifest
+from edge_slm.engine.prepared_cache import CacheSetting
+from edge_slm.engine.session import create_session
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
-from edge_slm.session import create_session
-from edge_slm.session_cache import CacheSetting
 
 TextInput = str | tuple[str, str]
 Truncation = Literal["error", "warn", "silent"]

@@ -23,9 +23,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, read_manifest
-from edge_slm.decoder import DecoderModel
 from edge_slm.errors import InvalidArgumentError
-from edge_slm.fused import open_decoder
+from edge_slm.generation.fused_step import open_decoder
+from edge_slm.generation.plain_step import DecoderModel
 
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_TOKENS = 4096

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("generate", "complete a prompt"), ("chat", "answer one chat message")):
         gen = sub.add_parser(name, help=help_text)
         _add_generation_arguments(gen)
-    from edge_slm.cli_encoders import add_encoder_commands
+    from edge_slm.cli.encoders import add_encoder_commands
 
     add_encoder_commands(sub)  # classify, embed
     info = sub.add_parser("info", help="print a bundle's manifest after checking it")
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_perplexity(args: argparse.Namespace) -> int:
     from edge_slm.bundle import read_bundle
-    from edge_slm.perplexity import bundle_perplexity
+    from edge_slm.generation.perplexity import bundle_perplexity
 
     read_bundle(args.bundle)  # checksums first: a bundle is checked before use
     result = bundle_perplexity(
@@ -256,7 +256,7 @@ def _run_perplexity(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from edge_slm.bench import format_result, run_bench
+    from edge_slm.cli.bench import format_result, run_bench
 
     result = run_bench(
         args.bundle,
@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "perplexity":
             return _run_perplexity(args)
         if args.command in ("classify", "embed"):
-            from edge_slm.cli_encoders import run_encoder_command
+            from edge_slm.cli.encoders import run_encoder_command
 
             return run_encoder_command(args)
         return _run_info(args)

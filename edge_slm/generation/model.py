@@ -23,12 +23,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest
-from edge_slm.chat import ChatFormat, render_chat
-from edge_slm.decoder import KVCache
-from edge_slm.detokenizer import StreamingDetokenizer
+from edge_slm.engine.prepared_cache import CacheSetting
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
-from edge_slm.fused import open_decoder
-from edge_slm.sampling import (
+from edge_slm.generation.fused_step import open_decoder
+from edge_slm.generation.plain_step import KVCache
+from edge_slm.generation.sampling import (
     LogitsProcessor,
     Sampler,
     TokenLogprob,
@@ -36,8 +35,9 @@ from edge_slm.sampling import (
     make_sampler,
     top_logprobs,
 )
-from edge_slm.session_cache import CacheSetting
-from edge_slm.stopping import Deadline, FinishReason, StopStringMatcher
+from edge_slm.text.chat_format import ChatFormat, render_chat
+from edge_slm.text.detokenizer import StreamingDetokenizer
+from edge_slm.text.stops import Deadline, FinishReason, StopStringMatcher
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_slm.bundle import Manifest
-from edge_slm.encoder import (
+from edge_slm.encoders.encoder import (
     SORT_WINDOW_BATCHES,
     EncoderModel,
     TextInput,
@@ -35,8 +35,8 @@ from edge_slm.encoder import (
     check_text,
     check_truncation,
 )
+from edge_slm.engine.prepared_cache import CacheSetting
 from edge_slm.errors import BundleError, InvalidArgumentError
-from edge_slm.session_cache import CacheSetting
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MULTI_LABEL_THRESHOLD = 0.5

@@ -21,11 +21,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge_slm.classify import TextClassifier
-from edge_slm.embed import TextEmbedder
-from edge_slm.encoder import TRUNCATION_MODES
+from edge_slm.encoders.classify import TextClassifier
+from edge_slm.encoders.embed import TextEmbedder
+from edge_slm.encoders.encoder import TRUNCATION_MODES
 from edge_slm.errors import InvalidArgumentError
-from edge_slm.records import Record, read_records
+from edge_slm.text.records import Record, read_records
 
 COMMANDS = ("classify", "embed")
 
