@@ -13,7 +13,7 @@ ASSETS := .cache/assets
 # torch is pinned: these machines carry the 2.13.0 CPU wheel; an unpinned torch pulls CUDA.
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test test-slow runtime-check bench peers clean
+.PHONY: setup demo test test-slow test-browser runtime-check bench peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,21 @@ $(ASSETS)/.encoders: $(VENV)/.installed
 # A missing asset fails a test instead of skipping it.
 test-slow: setup $(ASSETS)/.smollm2 $(ASSETS)/.encoders
 	EDGE_SLM_ASSETS=$(ASSETS) $(PY) -m pytest -q -m slow
+
+# The kiosk page (examples/kiosk) end to end: `edge-slm serve` with a tiny random bundle,
+# the page driven in headless Chromium by selenium. Installs Debian's chromium and
+# chromium-driver with apt-get when missing (root, or sudo), selenium into .venv.
+$(VENV)/.browser: $(VENV)/.installed
+	$(PIP) install -q -e ".[browser]"
+	touch $@
+
+test-browser: setup $(VENV)/.browser
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update && \
+	  $$sudo apt-get install -y --no-install-recommends chromium chromium-driver; \
+	fi
+	$(PY) -m pytest -q -m browser
 
 # The device's view: a venv with `pip install .` only (numpy, onnxruntime, tokenizers),
 # answering with the demo's smallest 4-bit bundle. Proves no build-stage package is needed.

@@ -1,0 +1,346 @@
+"""The kiosk page (examples/kiosk) end to end, in headless Chromium.
+
+``edge-slm serve`` runs as a subprocess with a tiny random bundle and ``--static
+examples/kiosk``; selenium drives Debian's ``chromium`` through ``chromedriver``. One page
+load: the SSE parser on split chunks, a question typed and sent, its answer streamed
+(growing piece by piece, equal to the API's non-streamed answer at ``temperature: 0``:
+the tiny model's text is gibberish, so its meaning is not checked), a screenshot to
+``docs/kiosk.png``, a FAQ button, the error shown for an unreachable server and the
+retry, the reset button and the idle reset.
+
+Opt-in (``-m browser``): ``make test-browser`` installs chromium, chromium-driver and
+selenium, then runs it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+KIOSK = ROOT / "examples" / "kiosk"
+SCREENSHOT = ROOT / "docs" / "kiosk.png"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+# What root needs to run Chromium here, and no traffic of its own (the network is closed).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+    "--window-size=800,480",  # the Raspberry Pi touchscreen
+]
+QUERY = "?system_prompt=Be%20brief.&temperature=0&max_tokens=24&idle_timeout_s=0"
+QUESTION = "Where is the train station?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as res:
+            return res.status, res.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _post(url: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as res:
+        return json.loads(res.read())
+
+
+# --- DEVELOPMENT ONLY: a stand-in for `edge-slm serve` until the real server lands. ---
+_STANDIN = r"""
+import json, sys, functools
+from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
+import edge_slm
+bundle, static, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = edge_slm.load(bundle)
+class H(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def __init__(self, *a, **k):
+        super().__init__(*a, directory=static, **k)
+    def do_GET(self):
+        if self.path == "/health":
+            return self._json(200, {"status": "ok"})
+        return super().do_GET()
+    def _json(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/v1/chat/completions":
+            return self._json(404, {"error": {"message": "not found"}})
+        kw = dict(max_new_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.7))
+        if not body.get("stream"):
+            r = model.chat(body["messages"], **kw)
+            return self._json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": "length"}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        def send(s):
+            b = s.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(b), b)); self.wfile.flush()
+        for c in model.stream_chat(body["messages"], **kw):
+            send("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": c.text}, "finish_reason": None}]}) + "\n\n")
+        send("data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def _serve_command(bundle: Path, port: int) -> list[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("edge_slm.cli.serve") is None:
+        return [sys.executable, "-c", _STANDIN, str(bundle), str(KIOSK), str(port)]
+    return [
+        str(Path(sys.executable).with_name("edge-slm")),
+        "serve",
+        str(bundle),
+        "--static",
+        str(KIOSK),
+        "--port",
+        str(port),
+    ]
+
+
+@pytest.fixture(scope="module")
+def kiosk_bundle(hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama (conftest's ``hf_models``) as an fp32 bundle of optimum's graph."""
+    from edge_slm_export.decoder import ExportOptions, export_decoder
+
+    out = tmp_path_factory.mktemp("kiosk") / "llama"
+    return export_decoder(str(hf_models["llama"]), out, ExportOptions(graph="optimum"))
+
+
+@pytest.fixture(scope="module")
+def server(kiosk_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``edge-slm serve BUNDLE --static examples/kiosk`` on a free port; yields its URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    command = _serve_command(kiosk_bundle, port)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"edge-slm serve exited ({proc.returncode}):\n{log.read_text()}")
+            try:
+                if _get(base + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"edge-slm serve not ready after 120 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Headless Chromium at 800x480, driven by chromedriver."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    if missing:
+        pytest.fail(
+            f"{missing} not installed: run `make test-browser` (apt-get chromium chromium-driver)"
+        )
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail(
+            "selenium is not installed: run `make test-browser` (pip install -e '.[browser]')"
+        )
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    browser = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    browser.set_script_timeout(90)
+    # The viewport itself at the touchscreen's size (--window-size counts the window's frame).
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 800, "height": 480, "deviceScaleFactor": 1, "mobile": False},
+    )
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def _wait(browser: Any, script: str, timeout: float = 60, what: str = "") -> Any:
+    """Poll a JavaScript expression until it is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = browser.execute_script("return " + script)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            log = browser.execute_script("return document.getElementById('error').innerText")
+            pytest.fail(f"timed out waiting for {what or script} (error banner: {log!r})")
+        time.sleep(0.05)
+
+
+SPLIT_CHUNKS_JS = """
+const p = new kiosk.SSEParser();
+const events = [];
+// One stream cut at awkward places: inside "data:", between \\r and \\n, inside the JSON,
+// a comment line, an event split over two data lines, the last event without its blank line.
+const pieces = ["da", "ta: {\\"a\\":", " 1}\\r", "\\n\\r\\n", ": keep-alive\\n\\n",
+                "data: x\\ndata:", "y\\n", "\\n", "event: e\\ndata: [DONE]"];
+for (const piece of pieces) events.push(...p.push(piece));
+events.push(...p.end());
+return events;
+"""
+
+LISTEN_JS = """
+window.__deltas = [];
+window.__done = null;
+document.addEventListener("kiosk:delta",
+  (e) => __deltas.push([e.detail.text, performance.now()]));
+document.addEventListener("kiosk:done", (e) => { window.__done = e.detail.text; });
+document.addEventListener("kiosk:error", (e) => { window.__error = e.detail.message; });
+"""
+
+
+def _shown_answer(browser: Any) -> str:
+    return str(
+        browser.execute_script(
+            "const t = document.querySelectorAll('.msg-assistant .text');"
+            "return t.length ? t[t.length - 1].textContent : null"
+        )
+    )
+
+
+def test_kiosk_page(server: str, driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser = driver
+    browser.get(server + "/" + QUERY)
+    _wait(browser, "document.body.dataset.ready === 'true'", 30, "the page to start")
+    assert browser.title == browser.execute_script("return kiosk.config.title")
+    assert browser.execute_script("return kiosk.config.system_prompt") == "Be brief."
+    assert browser.find_element(By.ID, "status").text == "Ready"
+    assert browser.execute_script("return document.activeElement.id") == "question"
+    # accessibility: a label for the field, a live region for the answers
+    assert browser.find_element(By.CSS_SELECTOR, "label[for=question]")
+    conversation = browser.find_element(By.ID, "conversation")
+    assert conversation.get_attribute("aria-live") == "polite"
+    assert conversation.get_attribute("role") == "log"
+
+    # The SSE parser, fed one stream in awkward pieces.
+    assert browser.execute_script(SPLIT_CHUNKS_JS) == ['{"a": 1}', "x\ny", "[DONE]"]
+
+    # A question typed and sent: the answer streams in, growing.
+    browser.execute_script(LISTEN_JS)
+    browser.find_element(By.ID, "question").send_keys(QUESTION)
+    browser.find_element(By.ID, "send").click()
+    answer = _wait(browser, "window.__done", 60, "the streamed answer")
+    deltas = browser.execute_script("return __deltas")
+    texts = [text for text, _ in deltas]
+    assert len(texts) >= 2, texts
+    for shorter, longer in itertools.pairwise(texts):
+        assert longer.startswith(shorter) and len(longer) > len(shorter)
+    assert deltas[-1][1] > deltas[0][1]  # over time, not in one piece
+    assert texts[-1] == answer == _shown_answer(browser)
+    assert browser.find_element(By.CSS_SELECTOR, ".msg-user .text").text == QUESTION
+    assert browser.find_element(By.ID, "send").text == "Send"
+
+    # The same request, not streamed, through the API: the same text (greedy decoding).
+    request = browser.execute_script("return kiosk.lastRequest")
+    assert request["stream"] is True and request["temperature"] == 0
+    assert request["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": QUESTION},
+    ]
+    reference = _post(server + "/v1/chat/completions", {**request, "stream": False})
+    assert reference["choices"][0]["message"]["content"] == answer
+
+    # A FAQ button answers at once, from config.json (no embedder served: no FAQ search).
+    buttons = browser.find_elements(By.CSS_SELECTOR, "#faq button")
+    faq = json.loads((KIOSK / "config.json").read_text())["faq"]
+    assert [b.text for b in buttons] == [f["question"] for f in faq[: len(buttons)]]
+    assert not browser.execute_script("return kiosk.faqSearch")
+    buttons[0].click()
+    assert _shown_answer(browser) == faq[0]["answer"]
+    assert len(browser.execute_script("return kiosk.history")) == 4
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    browser.find_element(By.ID, "question").send_keys("How late is the café open?")
+    browser.save_screenshot(str(SCREENSHOT))
+
+    # Reset: the conversation is gone, the welcome is back, the field has the focus.
+    browser.find_element(By.ID, "reset").click()
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+    assert browser.find_element(By.ID, "welcome").is_displayed()
+    assert browser.execute_script("return kiosk.history.length") == 0
+    assert browser.find_element(By.ID, "question").get_attribute("value") == ""
+    assert browser.execute_script("return document.activeElement.id") == "question"
+
+    # An unreachable server: a clear error, then "Try again" once it is back.
+    browser.execute_script(f"kiosk.config.api_base = 'http://127.0.0.1:{_free_port()}'")
+    browser.execute_script(LISTEN_JS)
+    browser.find_element(By.ID, "question").send_keys(QUESTION)
+    browser.find_element(By.ID, "send").click()
+    error = browser.find_element(By.ID, "error")
+    _wait(browser, "window.__error", 30, "the error")
+    assert error.is_displayed() and error.get_attribute("role") == "alert"
+    assert "can't be reached" in error.text
+    assert browser.find_element(By.ID, "status").text == "Offline"
+    browser.execute_script("kiosk.config.api_base = ''")
+    browser.find_element(By.ID, "retry").click()
+    assert _wait(browser, "window.__done", 60, "the retried answer") == answer
+    assert not error.is_displayed()
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg")) == 2
+
+    # Nobody touches the screen: the countdown shows, then the page starts over.
+    browser.execute_script("kiosk.config.idle_timeout_s = 3; kiosk.config.idle_warning_s = 2")
+    _wait(browser, "!document.getElementById('idle').hidden", 10, "the idle countdown")
+    _wait(browser, "document.querySelectorAll('.msg').length === 0", 10, "the idle reset")
+    assert browser.find_element(By.ID, "idle").is_displayed() is False
