@@ -15,7 +15,7 @@ TORCH  := torch==2.13.0
 
 .PHONY: setup demo test test-slow test-browser runtime-check bench peers clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"

@@ -70,7 +70,7 @@ def build(config: Config) -> Path:
     """The configuration's bundle, built once."""
     from edge_slm.bundle import read_manifest
     from edge_slm.errors import BundleError
-    from quantize.bundle import quantize_bundle
+    from edge_slm_quantize.bundle import quantize_bundle
 
     folder = OUT_DIR / config.name
     try:

@@ -1,13 +1,14 @@
-"""Set up the benchmark's peers: torch's HF folder and onnxruntime-genai in its own venv.
+"""Set up the benchmarks' peers: torch's HF folder, onnxruntime-genai and llama.cpp.
 
-Usage (from the repository root, build extras installed; ``make bench`` runs it for you):
+Usage (from the repository root, build extras installed; ``make bench`` and
+``make bench-server`` run what they need for you):
 
-    .venv/bin/python benchmarks/peers.py [--rebuild]
+    .venv/bin/python benchmarks/peers.py [--rebuild] [--only genai|llama]
 
-Three things, each built once and reused while its stamp matches:
+Five things, each built once and reused while its stamp matches:
 
 1. ``bundles/smollm2-hf``: the GGUF de-quantized by transformers (the torch rows' model
-   and the source of genai's builder), built with this checkout's ``export.source``.
+   and the source of genai's builder), built with this checkout's ``edge_slm_export.source``.
 2. ``.cache/peers/genai-venv``: a virtual environment holding onnxruntime-genai 0.18 and
    the transformers 5 its model builder needs (this project's build stage pins
    transformers 4.57, so the two cannot share a venv). torch is installed first and pinned
@@ -17,11 +18,24 @@ Three things, each built once and reused while its stamp matches:
    ``python -m onnxruntime_genai.models.builder -i bundles/smollm2-hf -o OUT -p int4 -e cpu``
    offline (``HF_HUB_OFFLINE=1``). Its stamp holds the builder command, the venv's pins and
    the sha256 of the HF folder's files.
+4. ``.cache/peers/llama-venv``: llama-cpp-python with its OpenAI server
+   (``llama-cpp-python[server]``, ``LLAMA_PINS``), compiled from its sdist by pip with
+   ``LLAMA_CMAKE_ARGS`` (CPU only, ``GGML_NATIVE``: tuned to this machine's CPU like a
+   device build; no multimodal library). Its server answers one request at a time: every
+   request takes one global lock (``llama_cpp/server/app.py``, ``get_llama_proxy``), and
+   by default a new request even interrupts the one streaming (``--interrupt_requests
+   False`` turns that off). It is the peer for one client, not for concurrent ones.
+5. ``.cache/peers/llama-server/bin/llama-server``: llama.cpp's own server, built with cmake
+   from the llama.cpp sources vendored in the same sdist (``.cache/peers/llama-src``), same
+   CPU flags, static, no web UI download, no OpenSSL. Its ``-np N`` slots decode
+   concurrent requests together in one batch per step (continuous batching, on by
+   default): the fair peer for concurrent clients. ``llama_server_command`` starts it.
 
 Only pip talks to the network (PyPI, or the machine's configured indexes). A failure
 raises ``PeerError`` naming the step, with pip's or the builder's last lines; run as a
-script it prints that and exits 1. About 3-6 minutes the first time (pip: ~1 GB of
-wheels, torch included; builder: ~1 minute), a second or two afterwards.
+script it prints that and exits 1. genai: about 3-6 minutes the first time (pip: ~1 GB
+of wheels, torch included; builder: ~1 minute). llama: BUILD_MINUTES_PLACEHOLDER on 2 cores
+(two compiles of ggml and llama.cpp). A second or two afterwards.
 """
 
 from __future__ import annotations
@@ -57,11 +71,45 @@ GENAI_PINS = (
     "accelerate==1.15.0",
 )
 BUILDER = ("-m", "onnxruntime_genai.models.builder", "-p", "int4", "-e", "cpu")
+LLAMA_VERSION = "0.3.36"  # llama-cpp-python; its sdist vendors the llama.cpp we build
+LLAMA_VENV = PEERS / "llama-venv"
+LLAMA_SRC = PEERS / "llama-src"  # the sdist, unpacked: vendor/llama.cpp for llama-server
+LLAMA_SERVER = PEERS / "llama-server"  # cmake build folder; the binary in bin/
+# the server extra's packages as resolved when this was set up (pip freeze of llama-venv)
+LLAMA_PINS = (f"llama-cpp-python[server]=={LLAMA_VERSION}",)
+# CPU only, tuned to the build machine (-march=native, as a device would build it);
+# everything not needed to serve a GGUF is off, so nothing is fetched at build time
+LLAMA_CPU_ARGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",
+    "-DGGML_CUDA=OFF",
+    "-DGGML_METAL=OFF",
+    "-DGGML_VULKAN=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+)
+LLAMA_CMAKE_ARGS = (*LLAMA_CPU_ARGS, "-DLLAVA_BUILD=OFF")  # pip's build (CMAKE_ARGS)
+LLAMA_SERVER_ARGS = (
+    *LLAMA_CPU_ARGS,
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # ON downloads the web UI from Hugging Face
+    "-DLLAMA_OPENSSL=OFF",
+)
 TAIL = 25  # lines of a failed command's output quoted in the error
 
 
 class PeerError(RuntimeError):
     """A peer could not be set up; the message names the step and quotes its output."""
+
+
+@dataclass(frozen=True)
+class LlamaPeer:
+    """Where the llama.cpp peers live: llama-cpp-python's python and llama-server."""
+
+    python: Path | None
+    server: Path | None
 
 
 @dataclass(frozen=True)
@@ -72,14 +120,14 @@ class GenaiPeer:
     model: Path
 
 
-def _run(step: str, command: list[str], env: dict[str, str] | None = None) -> None:
+def _run(
+    step: str, command: list[str], env: dict[str, str] | None = None, cwd: Path = PEERS
+) -> None:
     """Run ``command``; on failure raise ``PeerError`` with its last output lines."""
     print(f"[peers] {step}", file=sys.stderr, flush=True)
     PEERS.mkdir(parents=True, exist_ok=True)
     try:
-        out = subprocess.run(
-            command, capture_output=True, text=True, env=env, cwd=PEERS, check=False
-        )
+        out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, check=False)
     except OSError as error:
         raise PeerError(f"{step}: cannot run {command[0]}: {error}") from error
     if out.returncode != 0:
@@ -112,7 +160,7 @@ def ensure_hf_dir(hf_dir: Path = HF_DIR, gguf: Path = GGUF) -> Path:
     if not gguf.is_file():
         raise PeerError(f"missing {gguf}: run `make demo` or examples/fetch_assets.py first")
     print(f"[peers] de-quantizing {gguf.name} into {hf_dir}", file=sys.stderr, flush=True)
-    from export.source import load_source  # build stage: torch + transformers 4.57
+    from edge_slm_export.source import load_source  # build stage: torch + transformers 4.57
 
     tmp = hf_dir.parent / (hf_dir.name + "-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -179,18 +227,140 @@ def ensure_genai(rebuild: bool = False) -> GenaiPeer:
     return GenaiPeer(python=python, model=ensure_genai_model(python, hf_dir, rebuild=rebuild))
 
 
+def _build_env() -> dict[str, str]:
+    """The compiler's environment: both cores (cmake and pip's scikit-build read it)."""
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
+    env.pop("PYTHONPATH", None)  # nothing of this checkout's venv in the peers'
+    return env
+
+
+def ensure_llama_venv(venv: Path = LLAMA_VENV, rebuild: bool = False) -> Path:
+    """llama-cpp-python's venv (pip compiles it from the sdist when the stamp differs)."""
+    stamp = "\n".join((*LLAMA_PINS, "CMAKE_ARGS=" + " ".join(LLAMA_CMAKE_ARGS))) + "\n"
+    python = venv / "bin/python"
+    if not rebuild and python.is_file() and _stamp_matches(venv, stamp):
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    _run(f"creating {venv}", [sys.executable, "-m", "venv", str(venv)])
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    env = {**_build_env(), "CMAKE_ARGS": " ".join(LLAMA_CMAKE_ARGS)}
+    _run(
+        f"pip install llama-cpp-python[server]=={LLAMA_VERSION} (compiles llama.cpp: minutes)",
+        [*pip, "--no-binary", "llama-cpp-python", *LLAMA_PINS],
+        env=env,
+    )
+    check = (
+        "import llama_cpp, llama_cpp.server.app; "
+        f"assert llama_cpp.__version__ == {LLAMA_VERSION!r}, llama_cpp.__version__"
+    )
+    _run("checking the llama venv's imports", [str(python), "-c", check])
+    (venv / STAMP).write_text(stamp, encoding="utf-8")
+    return python
+
+
+def ensure_llama_source(src: Path = LLAMA_SRC) -> Path:
+    """The llama-cpp-python sdist unpacked (pip download; no build); its llama.cpp folder."""
+    tree = src / f"llama_cpp_python-{LLAMA_VERSION}"
+    vendored = tree / "vendor/llama.cpp"
+    if (vendored / "CMakeLists.txt").is_file():
+        return vendored
+    src.mkdir(parents=True, exist_ok=True)
+    download = [
+        sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q",
+        "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_VERSION}",
+        "-d", str(src),
+    ]  # fmt: skip
+    _run(f"pip download llama-cpp-python=={LLAMA_VERSION} (sdist)", download)
+    sdist = src / f"llama_cpp_python-{LLAMA_VERSION}.tar.gz"
+    shutil.rmtree(tree, ignore_errors=True)
+    shutil.unpack_archive(sdist, src, filter="data")
+    if not (vendored / "CMakeLists.txt").is_file():
+        raise PeerError(f"{sdist.name} holds no vendor/llama.cpp/CMakeLists.txt")
+    return vendored
+
+
+def ensure_llama_server(build: Path = LLAMA_SERVER, rebuild: bool = False) -> Path:
+    """llama.cpp's ``llama-server``, built by cmake from the sdist's sources when stale."""
+    stamp = f"llama.cpp of llama-cpp-python {LLAMA_VERSION}\n" + " ".join(LLAMA_SERVER_ARGS)
+    binary = build / "bin/llama-server"
+    if not rebuild and binary.is_file() and _stamp_matches(build, stamp + "\n"):
+        return binary
+    source = ensure_llama_source()
+    shutil.rmtree(build, ignore_errors=True)
+    env = _build_env()
+    configure = ["cmake", "-S", str(source), "-B", str(build), *LLAMA_SERVER_ARGS]
+    _run("configuring llama.cpp (cmake)", configure, env=env)
+    jobs = env["CMAKE_BUILD_PARALLEL_LEVEL"]
+    compile_ = ["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs]
+    _run("compiling llama-server (minutes)", compile_, env=env)
+    _run("checking llama-server", [str(binary), "--version"])
+    (build / STAMP).write_text(stamp + "\n", encoding="utf-8")
+    return binary
+
+
+def ensure_llama(rebuild: bool = False, python: bool = True, server: bool = True) -> LlamaPeer:
+    """The llama.cpp peers: llama-cpp-python's venv and/or llama.cpp's llama-server."""
+    return LlamaPeer(
+        python=ensure_llama_venv(rebuild=rebuild) if python else None,
+        server=ensure_llama_server(rebuild=rebuild) if server else None,
+    )
+
+
+def llama_server_command(
+    binary: Path, gguf: Path, port: int, threads: int = 2, slots: int = 8, slot_ctx: int = 1024
+) -> list[str]:
+    """llama.cpp's server on ``gguf``: ``slots`` parallel slots of ``slot_ctx`` tokens each
+    (``-c`` is the total, split among the slots), continuous batching, ``threads`` for
+    decode and prompt alike, no web UI. Ready when ``/health`` answers 200."""
+    return [
+        str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        "-t", str(threads), "-tb", str(threads), "-np", str(slots),
+        "-c", str(slots * slot_ctx), "--cont-batching", "--no-webui",
+    ]  # fmt: skip
+
+
+def llama_python_command(
+    python: Path, gguf: Path, port: int, threads: int = 2, ctx: int = 2048
+) -> list[str]:
+    """llama-cpp-python's OpenAI server on ``gguf``: one request at a time (its global
+    lock), without interrupting the streaming request when the next arrives. It has no
+    ``/health``: ready when ``/v1/models`` answers."""
+    return [
+        str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+        "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+        "--n_ctx", str(ctx), "--interrupt_requests", "False",
+    ]  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the venv and model")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the venvs and builds")
+    parser.add_argument(
+        "--only",
+        choices=("genai", "llama", "llama-server", "llama-python"),
+        help="set up one peer: genai (with torch's HF folder), llama (both llama.cpp "
+        "servers) or one of them (default: all)",
+    )
     args = parser.parse_args()
+    want = {args.only} if args.only else {"genai", "llama"}
+    if "llama" in want:
+        want |= {"llama-server", "llama-python"}
     try:
-        peer = ensure_genai(rebuild=args.rebuild)
+        if "genai" in want:
+            peer = ensure_genai(rebuild=args.rebuild)
+            print(f"torch HF folder: {HF_DIR}\ngenai python:    {peer.python}")
+            print(f"genai model:     {peer.model}")
+        if want & {"llama-server", "llama-python"}:
+            llama = ensure_llama(
+                args.rebuild, python="llama-python" in want, server="llama-server" in want
+            )
+            if llama.server:
+                print(f"llama-server:    {llama.server}")
+            if llama.python:
+                print(f"llama python:    {llama.python} (-m llama_cpp.server)")
     except PeerError as error:
         print(f"peers: {error}", file=sys.stderr)
         return 1
-    print(
-        f"torch HF folder: {HF_DIR}\ngenai python:    {peer.python}\ngenai model:     {peer.model}"
-    )
     return 0
 
 

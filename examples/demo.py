@@ -37,9 +37,9 @@ def build(gguf: Path, out: Path, eval_text: Path | None, rebuild: bool) -> dict[
     """Export and quantize (skipped for bundles that already exist and check out)."""
     from edge_slm.bundle import read_bundle
     from edge_slm.errors import BundleError
-    from export import ExportOptions, export_decoder
-    from export.progress import stderr_reporter
-    from quantize.bundle import quantize_bundle
+    from edge_slm_export import ExportOptions, export_decoder
+    from edge_slm_export.progress import stderr_reporter
+    from edge_slm_quantize.bundle import quantize_bundle
 
     def fresh(folder: Path) -> bool:
         try:

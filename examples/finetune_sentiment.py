@@ -130,9 +130,9 @@ def main() -> int:
 
     import torch
 
-    from export.encoder import EncoderExportOptions, export_encoder
-    from export.progress import stderr_reporter
-    from quantize.encoder import quantize_encoder_bundle
+    from edge_slm_export.encoder import EncoderExportOptions, export_encoder
+    from edge_slm_export.progress import stderr_reporter
+    from edge_slm_quantize.encoder import quantize_encoder_bundle
 
     if args.threads:
         torch.set_num_threads(args.threads)

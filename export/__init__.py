@@ -4,6 +4,6 @@ Needs the ``build`` extra (torch, transformers, optimum-onnx). The runtime never
 imports this package.
 """
 
-from export.decoder import ExportOptions, export_decoder
+from edge_slm_export.decoder import ExportOptions, export_decoder
 
 __all__ = ["ExportOptions", "export_decoder"]

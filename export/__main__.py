@@ -1,5 +1,5 @@
-"""``python -m export SOURCE OUT_DIR`` (same as ``edge-slm export``)."""
+"""``python -m edge_slm_export SOURCE OUT_DIR`` (same as ``edge-slm export``)."""
 
-from export.cli import main
+from edge_slm_export.cli import main
 
 raise SystemExit(main())

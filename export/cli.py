@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_slm.errors import EdgeSlmError
-from export.decoder import DEFAULT_TOLERANCE, ExportOptions, export_decoder
-from export.encoder import DEFAULT_TOLERANCE as ENCODER_TOLERANCE
-from export.encoder import ENCODER_TASKS, EncoderExportOptions, detect_task, export_encoder
-from export.progress import stderr_reporter
+from edge_slm_export.decoder import DEFAULT_TOLERANCE, ExportOptions, export_decoder
+from edge_slm_export.encoder import DEFAULT_TOLERANCE as ENCODER_TOLERANCE
+from edge_slm_export.encoder import ENCODER_TASKS, EncoderExportOptions, detect_task, export_encoder
+from edge_slm_export.progress import stderr_reporter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(bundle)
         if args.quantize:
-            from quantize.bundle import quantize_bundle
+            from edge_slm_quantize.bundle import quantize_bundle
 
             for method in args.quantize:
                 out = bundle.with_name(f"{bundle.name}-{method}")
@@ -121,7 +121,7 @@ def _run_encoder(args: argparse.Namespace, task: str) -> int:
         )
         print(bundle)
         if args.quantize:
-            from quantize.encoder import quantize_encoder_bundle
+            from edge_slm_quantize.encoder import quantize_encoder_bundle
 
             for method in args.quantize:
                 out = bundle.with_name(f"{bundle.name}-{method}")
@@ -135,8 +135,8 @@ def _run_encoder(args: argparse.Namespace, task: str) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m export") -> int:
-    """Entry point of ``python -m export`` and ``edge-slm export``."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m edge_slm_export") -> int:
+    """Entry point of ``python -m edge_slm_export`` and ``edge-slm export``."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))

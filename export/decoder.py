@@ -18,11 +18,11 @@ from edge_slm.bundle import (
     SpecialTokens,
     write_manifest,
 )
-from export.chat_template import compile_chat_template
-from export.errors import ExportError, UnsupportedModelError
-from export.progress import Reporter, silent_reporter, step
-from export.source import LoadedSource, load_source
-from export.validate import validate_decoder
+from edge_slm_export.chat_template import compile_chat_template
+from edge_slm_export.errors import ExportError, UnsupportedModelError
+from edge_slm_export.progress import Reporter, silent_reporter, step
+from edge_slm_export.source import LoadedSource, load_source
+from edge_slm_export.validate import validate_decoder
 
 SUPPORTED_DECODERS = ("gpt2", "llama", "qwen2")
 FUSED_DECODERS = ("llama", "qwen2", "gpt2")  # families export/fused(_gpt2).py build
@@ -166,7 +166,7 @@ def export_decoder(
             options = replace(options, graph="fused" if model_type in FUSED_DECODERS else "optimum")
         with step(report, f"exporting to ONNX ({options.graph} graph)"):
             if options.graph == "fused":
-                from export.fused import build_fused_decoder
+                from edge_slm_export.fused import build_fused_decoder
 
                 onnx_path = build_fused_decoder(loaded.model, work / "onnx" / "model.onnx").path
             else:
@@ -198,7 +198,7 @@ def _assemble(
     config = loaded.model.config
     io = _decoder_io(config, {i.name for i in graph.graph.input})
     if options.graph == "fused":
-        from export.fused import fused_decoder_io
+        from edge_slm_export.fused import fused_decoder_io
 
         io = fused_decoder_io(config, int(config.max_position_embeddings))
     with step(report, "validating ONNX against torch"):

@@ -9,7 +9,7 @@ Two tasks:
   graph outputs ``sentence_embedding [batch, dim]`` with the source's pooling (mean or
   CLS, from ``1_Pooling/config.json``, mean if absent) and L2 normalisation (when
   ``modules.json`` lists a Normalize module) appended to the graph (see
-  :mod:`export.pooling` for why in the graph).
+  :mod:`edge_slm_export.pooling` for why in the graph).
 
 The graph is exported by optimum-onnx and validated through the runtime's own code path
 against transformers; a difference over the tolerance raises ValidationError and leaves
@@ -32,12 +32,12 @@ import numpy as np
 
 from edge_slm.bundle import EncoderIO, Manifest, Provenance, SpecialTokens, write_manifest
 from edge_slm.encoders.encoder import EncoderModel
-from export.decoder import prepare_output, tool_versions
-from export.errors import ExportError, UnsupportedModelError
-from export.pooling import LinearHead, Pooling, add_pooling
-from export.progress import Reporter, silent_reporter, step
-from export.source import LoadedSource, _folder_sha256, load_source, source_kind
-from export.validate_encoder import validate_encoder
+from edge_slm_export.decoder import prepare_output, tool_versions
+from edge_slm_export.errors import ExportError, UnsupportedModelError
+from edge_slm_export.pooling import LinearHead, Pooling, add_pooling
+from edge_slm_export.progress import Reporter, silent_reporter, step
+from edge_slm_export.source import LoadedSource, _folder_sha256, load_source, source_kind
+from edge_slm_export.validate_encoder import validate_encoder
 
 SUPPORTED_ENCODERS = ("bert", "distilbert", "roberta")
 ENCODER_TASKS = ("text-classification", "feature-extraction")
@@ -160,7 +160,7 @@ def _load_bare_encoder(source: str) -> LoadedSource:
     if kind == "folder":
         hf_dir = Path(source).resolve()
         return LoadedSource(source, kind, hf_dir, model, tokenizer, None, _folder_sha256(hf_dir))
-    from export.source import _hub_snapshot
+    from edge_slm_export.source import _hub_snapshot
 
     hf_dir = _hub_snapshot(source)
     return LoadedSource(

@@ -44,8 +44,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_slm.bundle import DecoderIO
-from export.errors import UnsupportedModelError
-from export.graph_io import save_graph
+from edge_slm_export.errors import UnsupportedModelError
+from edge_slm_export.graph_io import save_graph
 
 FUSED_FAMILIES = ("llama", "qwen2", "gpt2")  # gpt2: export/fused_gpt2.py
 LAYOUT = "gqa-shared"
@@ -189,7 +189,7 @@ def build_fused_decoder(model: Any, out_path: Path, max_length: int | None = Non
     """
     config = model.config
     if config.model_type == "gpt2":
-        from export.fused_gpt2 import build_fused_gpt2
+        from edge_slm_export.fused_gpt2 import build_fused_gpt2
 
         return build_fused_gpt2(model, out_path, max_length)
     _check_supported(config)

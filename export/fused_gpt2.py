@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from export.errors import UnsupportedModelError
-from export.fused import (
+from edge_slm_export.errors import UnsupportedModelError
+from edge_slm_export.fused import (
     FusedGraph,
     GraphBuilder,
     as_numpy,

@@ -10,7 +10,7 @@ opened here, in the build stage, and only their numbers travel.
 For a multinomial logistic regression the runtime's softmax over these logits is
 exactly ``predict_proba``; for any linear model the arg-max is exactly ``predict``.
 
-    python -m export.setfit BODY_DIR HEAD.joblib OUT_DIR --label-map label_map.joblib
+    python -m edge_slm_export.setfit BODY_DIR HEAD.joblib OUT_DIR --label-map label_map.joblib
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from edge_slm.errors import EdgeSlmError
-from export.encoder import DEFAULT_TOLERANCE, EncoderExportOptions, export_encoder
-from export.errors import ExportError
-from export.pooling import LinearHead
-from export.progress import Reporter, silent_reporter, stderr_reporter
+from edge_slm_export.encoder import DEFAULT_TOLERANCE, EncoderExportOptions, export_encoder
+from edge_slm_export.errors import ExportError
+from edge_slm_export.pooling import LinearHead
+from edge_slm_export.progress import Reporter, silent_reporter, stderr_reporter
 
 
 def linear_head(estimator: Any, label_map: Mapping[Any, Any] | None = None) -> LinearHead:
@@ -88,8 +88,8 @@ def export_setfit(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m export.setfit``."""
-    parser = argparse.ArgumentParser(prog="python -m export.setfit", description=__doc__)
+    """Entry point of ``python -m edge_slm_export.setfit``."""
+    parser = argparse.ArgumentParser(prog="python -m edge_slm_export.setfit", description=__doc__)
     parser.add_argument("body", help="sentence-transformers folder (e.g. all-MiniLM-L6-v2)")
     parser.add_argument("head", type=Path, help="joblib file of a fitted linear classifier")
     parser.add_argument("out_dir", type=Path, help="bundle folder to write")

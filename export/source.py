@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_slm.bundle import sha256_file
-from export.errors import ExportError, UnsupportedModelError
+from edge_slm_export.errors import ExportError, UnsupportedModelError
 
 SourceKind = Literal["hub", "folder", "gguf"]
 

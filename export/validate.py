@@ -9,7 +9,7 @@ import numpy as np
 
 from edge_slm.bundle import DecoderIO, Validation
 from edge_slm.generation.fused_step import open_decoder
-from export.errors import ValidationError
+from edge_slm_export.errors import ValidationError
 
 VALIDATION_PROMPTS = (
     "The capital of France is",

@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_slm.bundle import Validation
 from edge_slm.encoders.encoder import EncoderModel, TextInput
-from export.errors import ValidationError
+from edge_slm_export.errors import ValidationError
 
 VALIDATION_TEXTS: tuple[TextInput, ...] = (
     "I loved this film, the acting was wonderful.",

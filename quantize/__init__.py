@@ -3,15 +3,15 @@
 Needs the ``build`` extra (onnx, onnxruntime's quantization tools with onnx-ir). The
 runtime never imports this package.
 
-    >>> from quantize import quantize_bundle
+    >>> from edge_slm_quantize import quantize_bundle
     >>> quantize_bundle("bundles/smollm2", "bundles/smollm2-int4", "int4", eval_text="prose.txt")
 """
 
 from edge_slm.generation.perplexity import PerplexityResult, bundle_perplexity, perplexity
-from quantize.bundle import quantize_bundle
-from quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
-from quantize.methods import METHODS, Method, get_method
-from quantize.weight_only import WeightOnlySettings
+from edge_slm_quantize.bundle import quantize_bundle
+from edge_slm_quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
+from edge_slm_quantize.methods import METHODS, Method, get_method
+from edge_slm_quantize.weight_only import WeightOnlySettings
 
 __all__ = [
     "METHODS",

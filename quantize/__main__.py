@@ -1,5 +1,5 @@
-"""``python -m quantize BUNDLE OUT_DIR --method int4|int8`` (same as ``edge-slm quantize``)."""
+"""``python -m edge_slm_quantize BUNDLE OUT_DIR --method int4|int8`` (same as ``edge-slm quantize``)."""
 
-from quantize.cli import main
+from edge_slm_quantize.cli import main
 
 raise SystemExit(main())

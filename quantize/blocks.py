@@ -110,7 +110,7 @@ class BlockWriter:
     def splice(self, model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
         """Make ``nodes`` the graph's nodes, add the new initializers, drop unused ones
         and declare the com.microsoft opset."""
-        from quantize.graph_passes import remove_unused_initializers
+        from edge_slm_quantize.graph_passes import remove_unused_initializers
 
         model.graph.ClearField("node")
         model.graph.node.extend(nodes)

@@ -1,7 +1,7 @@
 """Quantize an fp32 decoder bundle into a new bundle, measuring what it cost.
 
 :func:`quantize_bundle` reads the source bundle (checksums verified), quantizes its
-graph with a registered method (:mod:`quantize.methods`), writes the new graph and a
+graph with a registered method (:mod:`edge_slm_quantize.methods`), writes the new graph and a
 copy of the other files into the output folder, checks that the new graph loads and
 runs, measures perplexity before and after on an evaluation text when one is given,
 and writes a manifest whose ``quantization`` section records settings, sizes,
@@ -32,11 +32,11 @@ from edge_slm.generation.perplexity import (
     perplexity,
     read_text,
 )
-from export.graph_io import save_graph
-from export.progress import Reporter, silent_reporter, step
-from quantize.errors import AlreadyQuantizedError, QuantizationError
-from quantize.methods import Method, MethodContext, get_method
-from quantize.weight_only import WeightOnlySettings
+from edge_slm_export.graph_io import save_graph
+from edge_slm_export.progress import Reporter, silent_reporter, step
+from edge_slm_quantize.errors import AlreadyQuantizedError, QuantizationError
+from edge_slm_quantize.methods import Method, MethodContext, get_method
+from edge_slm_quantize.weight_only import WeightOnlySettings
 
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
 _PROBE_TOKENS = 64
@@ -148,13 +148,13 @@ def quantize_bundle(
     Args:
         src: an fp32 text-generation bundle (its checksums are verified).
         out: the folder to write; it must be empty unless ``overwrite``.
-        method: a registered method name (``int8``, ``int4``; see ``quantize.methods``).
+        method: a registered method name (``int8``, ``int4``; see ``edge_slm_quantize.methods``).
         eval_text: UTF-8 text file to measure perplexity on before and after; None skips it.
         block_size, symmetric, accuracy_level: override the method's defaults (None keeps them).
         eval_tokens: tokens of ``eval_text`` to score at most.
         window: tokens per perplexity window (capped by the context length).
         overwrite: replace a non-empty ``out``.
-        report: progress messages (e.g. ``export.progress.stderr_reporter``).
+        report: progress messages (e.g. ``edge_slm_export.progress.stderr_reporter``).
         gguf_path: method ``gguf``: the GGUF file the bundle was exported from, when it
             is no longer where the provenance says (its sha256 is checked either way).
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from edge_slm.bundle import Quantization, read_manifest
 from edge_slm.errors import EdgeSlmError
 from edge_slm.generation.perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
-from export.progress import stderr_reporter
-from quantize.bundle import quantize_bundle
-from quantize.methods import METHODS
+from edge_slm_export.progress import stderr_reporter
+from edge_slm_quantize.bundle import quantize_bundle
+from edge_slm_quantize.methods import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="fp32 bundle folder to quantize")
     parser.add_argument("out_dir", type=Path, help="quantized bundle folder to write")
     methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
-    methods += "; encoder bundles: dynamic-int8, static-int8 (see python -m quantize.encoder -h)"
+    methods += (
+        "; encoder bundles: dynamic-int8, static-int8 (see python -m edge_slm_quantize.encoder -h)"
+    )
     parser.add_argument("--method", required=True, choices=sorted(METHODS), help=methods)
     parser.add_argument("--eval-text", type=Path, help="UTF-8 text file: perplexity before/after")
     parser.add_argument(
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(prog: str = "python -m quantize") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m edge_slm_quantize") -> argparse.ArgumentParser:
     """The parser of the decoder methods."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     add_arguments(parser)
@@ -129,13 +131,13 @@ def _method(argv: Sequence[str]) -> str | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m quantize") -> int:
-    """Entry point of ``python -m quantize`` and ``edge-slm quantize``.
+def main(argv: Sequence[str] | None = None, prog: str = "python -m edge_slm_quantize") -> int:
+    """Entry point of ``python -m edge_slm_quantize`` and ``edge-slm quantize``.
 
-    Encoder methods (dynamic-int8, static-int8) go to :mod:`quantize.encoder`, whose
+    Encoder methods (dynamic-int8, static-int8) go to :mod:`edge_slm_quantize.encoder`, whose
     options (calibration, evaluation, accuracy gate) differ from the decoders'.
     """
-    from quantize import encoder
+    from edge_slm_quantize import encoder
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if _method(argv) in encoder.ENCODER_METHODS:

@@ -21,7 +21,7 @@ the fp32 and the quantized bundle are measured on it and recorded in the manifes
 refused (AccuracyDropError, nothing written) when it loses more than that many
 percentage points.
 
-    python -m quantize.encoder BUNDLE OUT --method static-int8 \\
+    python -m edge_slm_quantize.encoder BUNDLE OUT --method static-int8 \\
         --calibration calib.txt --eval test.jsonl --max-accuracy-drop 0.5
 """
 
@@ -45,8 +45,8 @@ from edge_slm.encoders.embed import TextEmbedder, normalize_rows
 from edge_slm.encoders.encoder import EncoderModel, TextInput
 from edge_slm.errors import EdgeSlmError
 from edge_slm.text.records import Record, read_records
-from export.progress import Reporter, silent_reporter, stderr_reporter, step
-from quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
+from edge_slm_export.progress import Reporter, silent_reporter, stderr_reporter, step
+from edge_slm_quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
 
 ENCODER_METHODS = ("dynamic-int8", "static-int8")
 DEFAULT_CALIBRATION_EXAMPLES = 1000
@@ -404,7 +404,7 @@ def quantize_encoder_bundle(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m quantize.encoder`` (and of encoder bundles in ``edge-slm quantize``)."""
+    """Arguments of ``python -m edge_slm_quantize.encoder`` (and of encoder bundles in ``edge-slm quantize``)."""
     parser.add_argument("bundle", type=Path, help="fp32 encoder bundle folder")
     parser.add_argument("out_dir", type=Path, help="quantized bundle folder to write")
     parser.add_argument("--method", required=True, choices=ENCODER_METHODS)
@@ -466,8 +466,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m quantize.encoder") -> int:
-    """Entry point of ``python -m quantize.encoder`` (and of encoder methods in ``quantize``)."""
+def main(
+    argv: Sequence[str] | None = None, prog: str = "python -m edge_slm_quantize.encoder"
+) -> int:
+    """Entry point of ``python -m edge_slm_quantize.encoder`` (and of encoder methods in ``quantize``)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -48,9 +48,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantize.blocks import MIN_TERM_SUFFIX, Blocks, BlockWriter
-from quantize.errors import QuantizationError
-from quantize.weight_only import MatMulCensus, WeightOnlySettings, census, logits_producer
+from edge_slm_quantize.blocks import MIN_TERM_SUFFIX, Blocks, BlockWriter
+from edge_slm_quantize.errors import QuantizationError
+from edge_slm_quantize.weight_only import MatMulCensus, WeightOnlySettings, census, logits_producer
 
 BLOCK = 32
 SUPPORTED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
@@ -315,7 +315,7 @@ def transcode_gguf(
         blocks = concat_rows(decoded, weight)
         expected = numpy_helper.to_array(rewriter.initializers[weight])  # [K, N]
         if lm_head is not None and logits in node.output:
-            from quantize.search import quantize_blocks
+            from edge_slm_quantize.search import quantize_blocks
 
             requantized = quantize_blocks(
                 expected,

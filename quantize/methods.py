@@ -2,7 +2,7 @@
 
 A method pairs default settings with the function that applies them to a graph, so a
 new method (e.g. mixed precision per tensor, a quantized embedding) is one more entry
-here and needs no change in :mod:`quantize.bundle` or the CLI.
+here and needs no change in :mod:`edge_slm_quantize.bundle` or the CLI.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import onnx
 
 from edge_slm.bundle import Manifest, sha256_file
-from quantize.errors import QuantizationError, UnknownMethodError
-from quantize.weight_only import WeightOnlySettings, quantize_weights
+from edge_slm_quantize.errors import QuantizationError, UnknownMethodError
+from edge_slm_quantize.weight_only import WeightOnlySettings, quantize_weights
 
 
 class QuantizedGraph(Protocol):
@@ -74,7 +74,7 @@ class _SharedEmbeddingGraph:
 
 
 def _shared(inner: QuantizedGraph, logits: str) -> QuantizedGraph:
-    from quantize.shared_embedding import share_tied_embedding
+    from edge_slm_quantize.shared_embedding import share_tied_embedding
 
     return _SharedEmbeddingGraph(inner, share_tied_embedding(inner.model, logits))
 
@@ -115,7 +115,7 @@ def gguf_source_path(context: MethodContext) -> Path:
         GGUFError: the bundle did not come from a GGUF file, the file is missing, or its
             contents changed since the export.
     """
-    from quantize.gguf import GGUFError
+    from edge_slm_quantize.gguf import GGUFError
 
     provenance = context.manifest.provenance
     if provenance.source_kind != "gguf":
@@ -140,7 +140,7 @@ def gguf_source_path(context: MethodContext) -> Path:
 
 
 def _check_fused(context: MethodContext) -> None:
-    from quantize.gguf import GGUFError
+    from edge_slm_quantize.gguf import GGUFError
 
     decoder = context.manifest.decoder
     if decoder is None or decoder.layout != "gqa-shared":
@@ -154,7 +154,7 @@ def _check_fused(context: MethodContext) -> None:
 def _gguf(
     model: onnx.ModelProto, settings: WeightOnlySettings, logits: str, context: MethodContext
 ) -> QuantizedGraph:
-    from quantize.gguf import read_gguf, transcode_gguf
+    from edge_slm_quantize.gguf import read_gguf, transcode_gguf
 
     _check_fused(context)
     source = read_gguf(gguf_source_path(context))
@@ -164,8 +164,8 @@ def _gguf(
 def _gguf_lm_head4(
     model: onnx.ModelProto, settings: WeightOnlySettings, logits: str, context: MethodContext
 ) -> QuantizedGraph:
-    from quantize.gguf import read_gguf, transcode_gguf
-    from quantize.search import lm_head_importance
+    from edge_slm_quantize.gguf import read_gguf, transcode_gguf
+    from edge_slm_quantize.search import lm_head_importance
 
     _check_fused(context)
     source = read_gguf(gguf_source_path(context))
@@ -181,12 +181,12 @@ def _gguf_lm_head4(
 
 
 def _searched(lm_head_bits: int | None) -> Apply:
-    """Searched-scale block quantization (:mod:`quantize.search`), embedding shared."""
+    """Searched-scale block quantization (:mod:`edge_slm_quantize.search`), embedding shared."""
 
     def apply(
         model: onnx.ModelProto, settings: WeightOnlySettings, logits: str, context: MethodContext
     ) -> QuantizedGraph:
-        from quantize.search import lm_head_importance, quantize_graph
+        from edge_slm_quantize.search import lm_head_importance, quantize_graph
 
         bits_for = None
         if lm_head_bits is not None and lm_head_bits != settings.bits:

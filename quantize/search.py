@@ -27,10 +27,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantize.blocks import Blocks, BlockWriter
-from quantize.errors import QuantizationError
-from quantize.graph_passes import fold_weight_transposes, rewrite_gemms
-from quantize.weight_only import (
+from edge_slm_quantize.blocks import Blocks, BlockWriter
+from edge_slm_quantize.errors import QuantizationError
+from edge_slm_quantize.graph_passes import fold_weight_transposes, rewrite_gemms
+from edge_slm_quantize.weight_only import (
     MatMulCensus,
     WeightOnlySettings,
     census,

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quantize.graph_passes import remove_unused_initializers
+from edge_slm_quantize.graph_passes import remove_unused_initializers
 
 _MS = "com.microsoft"
 

@@ -5,7 +5,7 @@ along K; a block keeps 4 or 8-bit integers, one fp32 scale and (asymmetric) one 
 point. Activations stay fp32 unless ``accuracy_level`` lets the kernel quantize them
 to int8 on the fly (level 4), which is what makes 4-bit fast on CPUs.
 
-Before quantizing, :mod:`quantize.graph_passes` exposes the weights the quantizer would
+Before quantizing, :mod:`edge_slm_quantize.graph_passes` exposes the weights the quantizer would
 otherwise miss (GPT-2's Gemm layers, a tied lm_head behind a Transpose). Afterwards
 :func:`census` counts what became MatMulNBits and what stayed float, so the manifest
 reports it instead of the caller having to trust it.
@@ -21,8 +21,8 @@ from typing import Any
 
 import onnx
 
-from quantize.errors import QuantizationError
-from quantize.graph_passes import fold_weight_transposes, rewrite_gemms
+from edge_slm_quantize.errors import QuantizationError
+from edge_slm_quantize.graph_passes import fold_weight_transposes, rewrite_gemms
 
 ALLOWED_BITS = (4, 8)
 ALLOWED_ACCURACY_LEVELS = (0, 1, 2, 3, 4)

@@ -34,7 +34,7 @@ def bundles(
     hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
     """family -> fp32 bundle of optimum's graph (validated against torch at export)."""
-    from export.decoder import ExportOptions, export_decoder
+    from edge_slm_export.decoder import ExportOptions, export_decoder
 
     root = tmp_path_factory.mktemp("bundles")
     options = ExportOptions(graph="optimum")
@@ -46,7 +46,7 @@ def fused_bundles(
     hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
     """family -> fp32 fused bundle (the default graph of Llama and Qwen2)."""
-    from export.decoder import FUSED_DECODERS, ExportOptions, export_decoder
+    from edge_slm_export.decoder import FUSED_DECODERS, ExportOptions, export_decoder
 
     root = tmp_path_factory.mktemp("fused")
     options = ExportOptions(graph="fused")

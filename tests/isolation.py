@@ -38,7 +38,7 @@ def run_blocked(
     """Run ``body`` (which fills a dict ``REPORT``) with ``blocked`` unimportable.
 
     ``names`` become string constants of the snippet. Run it from a bundle's folder
-    (``cwd``) so the repository's export/ and quantize/ are not on the path.
+    (``cwd``) so the repository folders are not on the path.
     """
     constants = "".join(f"{key} = {value!r}\n" for key, value in names.items())
     code = f"BLOCKED = {tuple(blocked)!r}\n{constants}{_BLOCKER}REPORT = {{}}\n"

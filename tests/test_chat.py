@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from edge_slm.errors import BundleError, ChatTemplateError, InvalidArgumentError
 from edge_slm.text.chat_format import PLAIN_CHAT_FORMAT, ChatFormat, RoleFormat, render_chat
-from export.chat_template import compile_chat_template, verify_chat_format
+from edge_slm_export.chat_template import compile_chat_template, verify_chat_format
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 SMOLLM2 = (FIXTURES / "smollm2_135m_instruct.jinja").read_text(encoding="utf-8")

@@ -14,8 +14,8 @@ from tiny_encoders import ENCODERS, LABELS, build_classifier
 
 import edge_slm
 from edge_slm import ContextLengthError, InvalidArgumentError, TextClassifier, TruncationWarning
-from export.encoder import EncoderExportOptions, detect_task, export_encoder
-from export.errors import ValidationError
+from edge_slm_export.encoder import EncoderExportOptions, detect_task, export_encoder
+from edge_slm_export.errors import ValidationError
 
 TEXTS = [
     "I loved this film, the acting was wonderful and the story moving.",
@@ -206,7 +206,7 @@ def test_detect_task(sources: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_export_cli_detects_the_task(sources: dict[str, Path], tmp_path: Path) -> None:
-    from export.cli import main
+    from edge_slm_export.cli import main
 
     assert main([str(sources["distilbert"]), str(tmp_path / "b")]) == 0
     assert isinstance(edge_slm.load(tmp_path / "b"), TextClassifier)

@@ -12,8 +12,8 @@ from tiny_encoders import build_sentence_transformer
 import edge_slm
 from edge_slm import CosineIndex, TextEmbedder
 from edge_slm.bundle import read_bundle
-from export.encoder import detect_task, export_encoder
-from export.errors import UnsupportedModelError
+from edge_slm_export.encoder import detect_task, export_encoder
+from edge_slm_export.errors import UnsupportedModelError
 
 TEXTS = [
     "Where is the nearest train station?",

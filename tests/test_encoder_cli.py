@@ -12,7 +12,7 @@ from tiny_encoders import build_classifier, build_sentence_transformer
 import edge_slm
 from edge_slm import TextClassifier, TextEmbedder
 from edge_slm.cli.main import main
-from export.encoder import export_encoder
+from edge_slm_export.encoder import export_encoder
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ BLOCKED = (
     "torch",
     "transformers",
     "optimum",
-    "export",
-    "quantize",
+    "edge_slm_export",
+    "edge_slm_quantize",
     "jinja2",
     "sklearn",
     "joblib",
@@ -34,7 +34,7 @@ REPORT["hit"] = index.search("opening hours", k=1)[0].text
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from export.encoder import export_encoder
+    from edge_slm_export.encoder import export_encoder
 
     root = tmp_path_factory.mktemp("iso")
     return {

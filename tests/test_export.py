@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from export import ExportOptions, export_decoder
-from export.errors import ExportError, UnsupportedModelError, ValidationError
-from export.source import source_kind
+from edge_slm_export import ExportOptions, export_decoder
+from edge_slm_export.errors import ExportError, UnsupportedModelError, ValidationError
+from edge_slm_export.source import source_kind
 
 
 def test_source_kinds(tmp_path: Path) -> None:

@@ -141,8 +141,8 @@ def test_fused_graph_has_far_fewer_nodes(
 
 def _quantized_copy(src: Path, out: Path) -> Any:
     """``src`` with its graph 4-bit quantized by quantize.weight_only (int4 defaults)."""
-    from quantize.methods import get_method
-    from quantize.weight_only import quantize_weights
+    from edge_slm_quantize.methods import get_method
+    from edge_slm_quantize.weight_only import quantize_weights
 
     manifest = read_bundle(src)
     out.mkdir()
@@ -186,7 +186,7 @@ def test_smollm2_fused_fp32_greedy_matches_transformers(tmp_path: Path, smollm2_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from export.decoder import ExportOptions, export_decoder
+    from edge_slm_export.decoder import ExportOptions, export_decoder
 
     gguf = smollm2_gguf
     bundle = export_decoder(str(gguf), tmp_path / "smollm2", ExportOptions(graph="fused"))

@@ -29,7 +29,7 @@ def gguf_bundles(hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFa
     """(gguf path, fp32 fused bundle, gguf-transcoded bundle), made by ``edge-slm export``."""
     from tiny_gguf import write_tiny_gguf
 
-    from export.cli import main
+    from edge_slm_export.cli import main
 
     root = tmp_path_factory.mktemp("gguf")
     path = write_tiny_gguf(hf_models["llama"], root / "tiny-llama.gguf")
@@ -139,7 +139,7 @@ def test_blocks_are_bit_identical_to_the_gguf(gguf_bundles: Any) -> None:
 
 def test_logits_match_the_dequantized_graph(gguf_bundles: Any, tmp_path: Path) -> None:
     """fp32-compute MatMulNBits over the GGUF blocks = the de-quantized fp32 graph."""
-    from quantize.bundle import quantize_bundle
+    from edge_slm_quantize.bundle import quantize_bundle
 
     _, fp32, quantized = gguf_bundles
     exact = quantize_bundle(fp32, tmp_path / "exact", "gguf", accuracy_level=1)
@@ -159,8 +159,8 @@ def test_logits_match_the_dequantized_graph(gguf_bundles: Any, tmp_path: Path) -
 
 
 def test_gguf_needs_a_gguf_source(fused_llama_folder_bundle: Path, tmp_path: Path) -> None:
-    from quantize.bundle import quantize_bundle
-    from quantize.gguf import GGUFError
+    from edge_slm_quantize.bundle import quantize_bundle
+    from edge_slm_quantize.gguf import GGUFError
 
     with pytest.raises(GGUFError, match="came from a folder source"):
         quantize_bundle(fused_llama_folder_bundle, tmp_path / "out", "gguf")
@@ -170,7 +170,7 @@ def test_gguf_needs_a_gguf_source(fused_llama_folder_bundle: Path, tmp_path: Pat
 def fused_llama_folder_bundle(
     hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    from export.decoder import ExportOptions, export_decoder
+    from edge_slm_export.decoder import ExportOptions, export_decoder
 
     return export_decoder(
         str(hf_models["llama"]),
@@ -180,8 +180,8 @@ def fused_llama_folder_bundle(
 
 
 def test_changed_or_moved_gguf_is_refused(gguf_bundles: Any, tmp_path: Path) -> None:
-    from quantize.bundle import quantize_bundle
-    from quantize.gguf import GGUFError
+    from edge_slm_quantize.bundle import quantize_bundle
+    from edge_slm_quantize.gguf import GGUFError
 
     path, fp32, _ = gguf_bundles
     copy = tmp_path / "copy.gguf"
@@ -202,9 +202,9 @@ def test_changed_or_moved_gguf_is_refused(gguf_bundles: Any, tmp_path: Path) -> 
 
 
 def test_unsupported_types_and_settings_are_named() -> None:
-    from quantize.errors import QuantizationError
-    from quantize.gguf import UnsupportedGGUFTypeError, decode_blocks
-    from quantize.methods import get_method
+    from edge_slm_quantize.errors import QuantizationError
+    from edge_slm_quantize.gguf import UnsupportedGGUFTypeError, decode_blocks
+    from edge_slm_quantize.methods import get_method
 
     with pytest.raises(UnsupportedGGUFTypeError, match=r"Q4_K.*Q4_0', 'Q4_1', 'Q8_0"):
         decode_blocks(np.zeros((2, 144), np.uint8), "Q4_K")
@@ -214,7 +214,7 @@ def test_unsupported_types_and_settings_are_named() -> None:
 
 
 def test_packing_round_trips() -> None:
-    from quantize.blocks import Blocks, pack_codes, pack_zero_points, unpack_codes
+    from edge_slm_quantize.blocks import Blocks, pack_codes, pack_zero_points, unpack_codes
 
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 16, size=(3, 3, 32)).astype(np.uint8)
@@ -244,7 +244,7 @@ def _shares_embedding(path: Path) -> bool:
 def test_tied_embedding_is_stored_once_quantized(
     gguf_bundles: Any, fused_llama_folder_bundle: Path, tmp_path: Path
 ) -> None:
-    from quantize.bundle import quantize_bundle
+    from edge_slm_quantize.bundle import quantize_bundle
 
     _, _, transcoded = gguf_bundles
     assert _shares_embedding(transcoded)

@@ -25,7 +25,7 @@ from edge_slm.bundle import Manifest, read_bundle, sha256_file
 from edge_slm.errors import EdgeSlmError
 from edge_slm.generation.perplexity import token_windows
 from edge_slm.generation.plain_step import DecoderModel
-from quantize import (
+from edge_slm_quantize import (
     METHODS,
     AlreadyQuantizedError,
     QuantizationError,
@@ -33,9 +33,9 @@ from quantize import (
     bundle_perplexity,
     quantize_bundle,
 )
-from quantize.cli import main
-from quantize.graph_passes import fold_weight_transposes, rewrite_gemms
-from quantize.weight_only import census
+from edge_slm_quantize.cli import main
+from edge_slm_quantize.graph_passes import fold_weight_transposes, rewrite_gemms
+from edge_slm_quantize.weight_only import census
 
 METHOD_NAMES = ("int8", "int4")
 # 2 layers x (GPT-2: c_attn, c_proj, c_fc, mlp c_proj; Llama/Qwen2: q, k, v, o, gate, up,
@@ -346,7 +346,7 @@ def test_importing_the_quantizer_leaves_logging_alone() -> None:
     """onnxruntime's quantizer calls logging.basicConfig at import; we undo it."""
     code = (
         "import logging\n"
-        "from quantize.weight_only import _quiet_quantizer\n"
+        "from edge_slm_quantize.weight_only import _quiet_quantizer\n"
         "with _quiet_quantizer(): pass\n"
         "root = logging.getLogger()\n"
         "print(len(root.handlers), root.level)\n"

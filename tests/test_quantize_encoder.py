@@ -13,9 +13,9 @@ from tiny_encoders import CORPUS, build_classifier, build_sentence_transformer
 import edge_slm
 from edge_slm import TextClassifier, TextEmbedder
 from edge_slm.bundle import read_bundle
-from export.encoder import export_encoder
-from quantize.encoder import AccuracyDropError, quantize_encoder_bundle
-from quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
+from edge_slm_export.encoder import export_encoder
+from edge_slm_quantize.encoder import AccuracyDropError, quantize_encoder_bundle
+from edge_slm_quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
 
 WORDS = " ".join(CORPUS).replace(".", "").replace(",", "").split()
 # 120 short deterministic texts made of the tokenizer's corpus words
@@ -145,7 +145,7 @@ def test_typed_errors(fp32: dict[str, Path], files: dict[str, Path], tmp_path: P
 def test_static_keeps_the_matmuls_after_gelu_in_fp32(
     fp32: dict[str, Path], files: dict[str, Path], tmp_path: Path
 ) -> None:
-    from quantize.encoder import gelu_fed_matmuls
+    from edge_slm_quantize.encoder import gelu_fed_matmuls
 
     names = gelu_fed_matmuls(fp32["classifier"] / "model.onnx")
     assert len(names) == 2 and all("output/dense" in n for n in names)  # one per layer

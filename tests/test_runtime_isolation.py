@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from isolation import report_of, run_blocked
 
-BLOCKED = ("torch", "transformers", "optimum", "export", "quantize", "jinja2")
+BLOCKED = (
+    "torch",
+    "transformers",
+    "optimum",
+    "edge_slm_export",
+    "edge_slm_quantize",
+    "jinja2",
+)
 
 GENERATE = """
 import edge_slm

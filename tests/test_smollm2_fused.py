@@ -30,7 +30,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    from export.decoder import ExportOptions, export_decoder
+    from edge_slm_export.decoder import ExportOptions, export_decoder
 
     return export_decoder(
         str(smollm2_gguf),
@@ -41,7 +41,7 @@ def fused(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def transcoded(fused: Path) -> Path:
-    from quantize.bundle import quantize_bundle
+    from edge_slm_quantize.bundle import quantize_bundle
 
     return quantize_bundle(fused, fused.with_name("gguf"), "gguf")
 
@@ -68,7 +68,7 @@ def test_fused_greedy_matches_transformers(
 @pytest.fixture(scope="module")
 def exact(fused: Path) -> Path:
     """The gguf transcoding with fp32 compute (accuracy_level 1): the GGUF's math exactly."""
-    from quantize.bundle import quantize_bundle
+    from edge_slm_quantize.bundle import quantize_bundle
 
     return quantize_bundle(fused, fused.with_name("gguf-exact"), "gguf", accuracy_level=1)
 

@@ -21,8 +21,8 @@ from edge_slm.errors import EdgeSlmError
 
 # subcommand -> module of the build stage providing main(argv, prog)
 _BUILD_COMMANDS = {
-    "export": ("export.cli", "convert a HF model (hub id, folder or .gguf) to a bundle"),
-    "quantize": ("quantize.cli", "make a bundle small (8-bit / 4-bit weight-only)"),
+    "export": ("edge_slm_export.cli", "convert a HF model (hub id, folder or .gguf) to a bundle"),
+    "quantize": ("edge_slm_quantize.cli", "make a bundle small (8-bit / 4-bit weight-only)"),
 }
 
 
