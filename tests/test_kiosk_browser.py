@@ -52,7 +52,12 @@ CHROMIUM_FLAGS = [
     "--force-device-scale-factor=1",
     "--window-size=800,480",  # the Raspberry Pi touchscreen
 ]
-QUERY = "?system_prompt=Be%20brief.&temperature=0&max_tokens=24&idle_timeout_s=0"
+# Settings over config.json's: a short system prompt (the tiny model's context is 128
+# tokens), greedy decoding, no idle reset until the test asks for one, and FAQ search for
+# exact matches only (a random embedder finds every sentence alike).
+QUERY = (
+    "?system_prompt=Be%20brief.&temperature=0&max_tokens=24&idle_timeout_s=0&faq_threshold=0.9999"
+)
 QUESTION = "Where is the train station?"
 
 
@@ -83,8 +88,9 @@ _STANDIN = r"""
 import json, sys, functools
 from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
 import edge_slm
-bundle, static, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+bundle, embedder, static, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 model = edge_slm.load(bundle)
+embedder = edge_slm.load(embedder)
 class H(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def __init__(self, *a, **k):
@@ -102,6 +108,9 @@ class H(SimpleHTTPRequestHandler):
         self.wfile.write(data)
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/v1/embeddings":
+            vectors = embedder.embed(body["input"])
+            return self._json(200, {"data": [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]})
         if self.path != "/v1/chat/completions":
             return self._json(404, {"error": {"message": "not found"}})
         kw = dict(max_new_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.7))
@@ -123,15 +132,16 @@ ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
 
-def _serve_command(bundle: Path, port: int) -> list[str]:
+def _serve_command(bundle: Path, embedder: Path, port: int) -> list[str]:
     import importlib.util
 
     if importlib.util.find_spec("edge_slm.cli.serve") is None:
-        return [sys.executable, "-c", _STANDIN, str(bundle), str(KIOSK), str(port)]
+        return [sys.executable, "-c", _STANDIN, str(bundle), str(embedder), str(KIOSK), str(port)]
     return [
         str(Path(sys.executable).with_name("edge-slm")),
         "serve",
         str(bundle),
+        str(embedder),
         "--static",
         str(KIOSK),
         "--port",
@@ -149,11 +159,24 @@ def kiosk_bundle(hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="module")
-def server(kiosk_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``edge-slm serve BUNDLE --static examples/kiosk`` on a free port; yields its URL."""
+def embedder_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random sentence-transformers BERT (mean pooling) as a feature-extraction bundle."""
+    from tiny_encoders import build_sentence_transformer
+
+    from edge_slm_export.encoder import export_encoder
+
+    root = tmp_path_factory.mktemp("kiosk-embedder")
+    return export_encoder(str(build_sentence_transformer(root / "st")), root / "embedder")
+
+
+@pytest.fixture(scope="module")
+def server(
+    kiosk_bundle: Path, embedder_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """``edge-slm serve GENERATOR EMBEDDER --static examples/kiosk`` on a free port."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    command = _serve_command(kiosk_bundle, port)
+    command = _serve_command(kiosk_bundle, embedder_bundle, port)
     with log.open("wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -302,14 +325,25 @@ def test_kiosk_page(server: str, driver: Any) -> None:
     reference = _post(server + "/v1/chat/completions", {**request, "stream": False})
     assert reference["choices"][0]["message"]["content"] == answer
 
-    # A FAQ button answers at once, from config.json (no embedder served: no FAQ search).
+    # A FAQ button answers at once, from config.json.
     buttons = browser.find_elements(By.CSS_SELECTOR, "#faq button")
     faq = json.loads((KIOSK / "config.json").read_text())["faq"]
+    assert len(faq) > len(buttons) > 0
     assert [b.text for b in buttons] == [f["question"] for f in faq[: len(buttons)]]
-    assert not browser.execute_script("return kiosk.faqSearch")
     buttons[0].click()
     assert _shown_answer(browser) == faq[0]["answer"]
-    assert len(browser.execute_script("return kiosk.history")) == 4
+
+    # FAQ search (an embedder is served): a typed FAQ question gets its answer, not the model's.
+    assert browser.execute_script("return kiosk.faqSearch")
+    browser.execute_script(LISTEN_JS)
+    browser.find_element(By.ID, "question").send_keys(faq[-1]["question"])
+    browser.find_element(By.ID, "send").click()
+    assert _wait(browser, "window.__done", 30, "the FAQ answer") == faq[-1]["answer"]
+    assert browser.execute_script("return __deltas.length") == 0  # nothing streamed
+    assert _shown_answer(browser) == faq[-1]["answer"]
+    tags = browser.find_elements(By.CSS_SELECTOR, ".msg-assistant .tag")
+    assert [t.text for t in tags] == ["From the FAQ", "From the FAQ"]
+    assert len(browser.execute_script("return kiosk.history")) == 6
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     browser.find_element(By.ID, "question").send_keys("How late is the café open?")
