@@ -376,5 +376,9 @@ def test_kiosk_page(server: str, driver: Any) -> None:
     # Nobody touches the screen: the countdown shows, then the page starts over.
     browser.execute_script("kiosk.config.idle_timeout_s = 3; kiosk.config.idle_warning_s = 2")
     _wait(browser, "!document.getElementById('idle').hidden", 10, "the idle countdown")
+    browser.find_element(By.ID, "idle-stay").click()  # "I'm still here"
+    assert not browser.find_element(By.ID, "idle").is_displayed()
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg")) == 2
+    _wait(browser, "!document.getElementById('idle').hidden", 10, "the idle countdown again")
     _wait(browser, "document.querySelectorAll('.msg').length === 0", 10, "the idle reset")
     assert browser.find_element(By.ID, "idle").is_displayed() is False

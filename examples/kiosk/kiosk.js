@@ -448,6 +448,8 @@
         ui.idle.hidden = false;
         ui.idleStay.focus();
       }
+    } else if (!ui.idle.hidden) {
+      hideIdle(); // a touch anywhere counts
     }
   }
 
