@@ -41,7 +41,7 @@ def test_chat_streams(bundles: dict[str, Path], capsys: pytest.CaptureFixture[st
 def test_info_and_errors(
     bundles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["info", str(bundles["gpt2"])]) == 0
+    assert main(["info", str(bundles["gpt2"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model_type"] == "gpt2"
     assert main(["info", str(tmp_path)]) == 2
     assert "has no manifest.json" in capsys.readouterr().err
@@ -93,7 +93,7 @@ def test_perplexity_command(
 
     text = tmp_path / "t.txt"
     text.write_text("Paris is the capital of France. Once upon a time there lived a fox. " * 6)
-    assert main(["perplexity", str(bundles["llama"]), str(text), "--window", "32"]) == 0
+    assert main(["perplexity", str(bundles["llama"]), str(text), "--window", "32", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     direct = bundle_perplexity(bundles["llama"], text, window=32)
     assert printed["perplexity"] == pytest.approx(direct.perplexity)

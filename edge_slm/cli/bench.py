@@ -10,8 +10,8 @@ The prompt is synthetic (the tokenizer's encoding of a fixed text, repeated to t
 wanted length) and decoding is greedy without stop tokens, so every run does the same
 work. Run one bundle per process for honest load times and peak memory.
 
-The load goes through the prepared-session cache (:mod:`edge_slm.engine.prepared_cache`) like
-any :func:`edge_slm.load`: the report says whether the session was a cache hit or was
+The load goes through the prepared-session cache (edge_slm.engine.prepared_cache) like
+any ``edge_slm.load``: the report says whether the session was a cache hit or was
 built now; ``cache=False`` (``edge-slm bench --no-cache``) measures a cold load.
 """
 
@@ -20,20 +20,21 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge_slm.engine.device import graph_bytes, memory_bandwidth
 from edge_slm.errors import InvalidArgumentError
+
+__all__ = ["BenchResult", "format_result", "memory_bandwidth", "run_bench", "synthetic_prompt"]
 
 _TEXT = (
     "The old lighthouse keeper climbed the spiral stairs every evening, counting the "
     "steps and listening to the sea below, while the ships passed far out in the dark. "
 )
-_COPY_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -87,34 +88,6 @@ def peak_rss_bytes() -> int:
     return int(peak) if peak > 1 << 32 else int(peak) * 1024
 
 
-def memory_bandwidth(threads: int = 1, size_bytes: int = _COPY_BYTES, repeats: int = 5) -> float:
-    """Best bytes/s moved (read + written) by ``threads`` threads copying large arrays.
-
-    numpy releases the GIL while copying, so threads copy in parallel. The best of
-    ``repeats`` rounds is kept: the bound is what the memory system can do.
-    """
-    if threads < 1:
-        raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
-    chunk = max(1, size_bytes // threads // 8)
-    sources = [np.ones(chunk, dtype=np.float64) for _ in range(threads)]
-    targets = [np.empty_like(s) for s in sources]
-    best = 0.0
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            list(pool.map(np.copyto, targets, sources))
-            elapsed = time.perf_counter() - start
-            best = max(best, 2 * chunk * 8 * threads / elapsed)
-    return best
-
-
-def _model_bytes(folder: Path, model_file: str) -> int:
-    """Bytes of the graph and its external data: an upper bound of weights read per step."""
-    model = folder / model_file
-    extra = [p for p in folder.iterdir() if p.name.startswith(model.name) and p != model]
-    return model.stat().st_size + sum(p.stat().st_size for p in extra)
-
-
 def synthetic_prompt(generator: Any, tokens: int) -> np.ndarray:
     """``[1, tokens]`` int64 ids of a fixed English text repeated to length."""
     ids = generator.encode(_TEXT, add_special_tokens=False)
@@ -148,6 +121,7 @@ def run_bench(
     """
     from edge_slm import load
     from edge_slm.engine.session import session_defaults
+    from edge_slm.generation.kv_slots import KVState
     from edge_slm.generation.model import TextGenerator
 
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
@@ -163,25 +137,29 @@ def run_bench(
         raise InvalidArgumentError(
             f"prompt_tokens + new_tokens must fit in the context ({manifest.context_length})"
         )
-    model = generator.model
-    prompt = synthetic_prompt(generator, prompt_tokens)  # [1, prompt_tokens]
+    backend = generator.backend
+    prompt = [int(t) for t in synthetic_prompt(generator, prompt_tokens)[0]]
 
     def one_run(steps: int) -> tuple[float, float]:
-        begin = time.perf_counter()
-        logits, cache = model.forward(prompt, model.empty_cache(1))
-        token = int(np.argmax(logits[0]))
-        first = time.perf_counter()
-        for _ in range(steps):
-            logits, cache = model.forward(np.asarray([[token]], dtype=np.int64), cache)
-            token = int(np.argmax(logits[0]))
-        return first - begin, time.perf_counter() - first
+        state = KVState()
+        backend.begin(state)
+        try:
+            begin = time.perf_counter()
+            token = int(np.argmax(backend.extend(state, prompt)[-1]))
+            first = time.perf_counter()
+            for _ in range(steps):
+                token = int(np.argmax(backend.step(state, token)))
+            return first - begin, time.perf_counter() - first
+        finally:
+            backend.finish(state)
+            backend.release(state)
 
     one_run(4)  # warm-up: onnxruntime allocates its arenas on the first runs
     ttft, decode = zip(*(one_run(new_tokens) for _ in range(repeats)), strict=True)
     ttft_s = statistics.median(ttft)
     decode_tps = new_tokens / statistics.median(decode)
     n_threads = threads or session_defaults().threads
-    model_bytes = _model_bytes(folder, manifest.files["model"])
+    model_bytes = graph_bytes(folder, manifest.files["model"])
     assert manifest.decoder is not None
     return BenchResult(
         bundle=str(folder),
@@ -199,7 +177,7 @@ def run_bench(
         model_bytes=model_bytes,
         bandwidth_bound_bytes_per_s=memory_bandwidth(n_threads),
         achieved_bytes_per_s=model_bytes * decode_tps,
-        session_source=str(getattr(model, "session_source", "")),
+        session_source=str(getattr(generator.decoder, "session_source", "")),
     )
 
 

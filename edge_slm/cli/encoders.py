@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TextIO
 
+from edge_slm.cli.progress import Progress
 from edge_slm.encoders.classify import TextClassifier
 from edge_slm.encoders.embed import TextEmbedder
 from edge_slm.encoders.encoder import TRUNCATION_MODES
@@ -30,59 +30,73 @@ from edge_slm.text.records import Record, read_records
 COMMANDS = ("classify", "embed")
 
 
-class Progress:
-    """A ``texts done, texts/s`` line on stderr, redrawn at most every ``interval`` s."""
-
-    def __init__(self, stream: TextIO, interval: float = 0.5) -> None:
-        self.stream, self.interval = stream, interval
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-        self.tty = stream.isatty()
-
-    def update(self, count: int) -> None:
-        self.done += count
-        now = time.perf_counter()
-        if now - self.last >= (self.interval if self.tty else 10 * self.interval):
-            self.last = now
-            self._draw(now)
-
-    def close(self) -> None:
-        self._draw(time.perf_counter())
-        if self.tty:
-            self.stream.write("\n")
-
-    def _draw(self, now: float) -> None:
-        rate = self.done / max(now - self.start, 1e-9)
-        line = f"{self.done:,} texts, {rate:,.0f} texts/s"
-        self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
-        self.stream.flush()
-
-
-def add_encoder_commands(sub: Any) -> None:
+def add_encoder_commands(sub: Any) -> list[argparse.ArgumentParser]:
     """Add the ``classify`` and ``embed`` subcommands to an argparse subparsers object."""
-    for name, help_text in (
-        ("classify", "label texts with a text-classification bundle"),
-        ("embed", "embed texts with a feature-extraction bundle"),
+    parsers = []
+    for name, help_text, description in (
+        (
+            "classify",
+            "label texts with a text-classification bundle",
+            "Label texts with a text-classification bundle. Texts come from the command\n"
+            "line or a file (--input); one JSON line per text goes to stdout or --output.",
+        ),
+        (
+            "embed",
+            "turn texts into vectors with a feature-extraction bundle",
+            "Turn texts into embedding vectors with a feature-extraction bundle. Texts come\n"
+            "from the command line or a file (--input); one JSON line per text goes to\n"
+            "stdout or --output.",
+        ),
     ):
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("bundle", type=Path, help="bundle folder")
-        cmd.add_argument("texts", nargs="*", help="texts (or use --input)")
-        cmd.add_argument("--input", type=Path, help="JSONL / CSV (text column) / one text per line")
-        cmd.add_argument("--output", type=Path, help="JSONL file to write (default: stdout)")
-        cmd.add_argument("--batch-size", type=int, default=32)
+        cmd = sub.add_parser(name, help=help_text, description=description)
+        cmd.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle folder")
+        cmd.add_argument(
+            "texts", nargs="*", metavar="TEXT", help="texts to process (or use --input)"
+        )
+        cmd.add_argument(
+            "--input",
+            type=Path,
+            metavar="FILE",
+            help="read texts from FILE: JSONL (text, optional text_pair), CSV with a text "
+            "column, or plain text with one text per line",
+        )
+        cmd.add_argument(
+            "--output", type=Path, metavar="FILE", help="write JSON lines to FILE (default: stdout)"
+        )
+        cmd.add_argument(
+            "--batch-size", type=int, default=32, metavar="N", help="texts run together"
+        )
         cmd.add_argument(
             "--truncation",
             choices=TRUNCATION_MODES,
             default="error" if name == "classify" else "warn",
-            help="texts over the context length: fail, cut with a warning, or cut silently",
+            help="texts longer than the context: fail (error), cut with a warning (warn), "
+            "or cut silently",
         )
-        cmd.add_argument("--threads", type=int, help="onnxruntime threads (default: all CPUs)")
-        cmd.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+        cmd.add_argument(
+            "--threads",
+            type=int,
+            metavar="N",
+            help="CPU threads to use (default: every usable CPU)",
+        )
+        cmd.add_argument(
+            "--no-progress", action="store_true", help="no progress bar on stderr for --input"
+        )
         if name == "classify":
             cmd.add_argument(
-                "--top-k", type=int, help="labels per text (default: 1, multi-label: all)"
+                "--top-k",
+                type=int,
+                metavar="K",
+                help="labels per text (default: 1; all for a multi-label bundle)",
             )
-            cmd.add_argument("--threshold", type=float, help="keep labels >= this probability")
+            cmd.add_argument(
+                "--threshold",
+                type=float,
+                metavar="P",
+                help="keep only labels with probability >= P",
+            )
+        parsers.append(cmd)
+    return parsers
 
 
 def _records(args: argparse.Namespace) -> Iterator[Record]:
@@ -115,7 +129,8 @@ def run_encoder_command(args: argparse.Namespace) -> int:
             f"{'text-classification' if args.command == 'classify' else 'feature-extraction'} one"
         )
     show = args.input is not None and not args.no_progress
-    progress = Progress(sys.stderr) if show else None
+    verb = "classifying" if args.command == "classify" else "embedding"
+    progress = Progress(label=verb, unit="texts") if show else None
     pending: list[Record] = []
 
     def texts() -> Iterator[Any]:
