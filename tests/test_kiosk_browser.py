@@ -83,60 +83,8 @@ def _post(url: str, body: dict[str, Any]) -> Any:
         return json.loads(res.read())
 
 
-# --- DEVELOPMENT ONLY: a stand-in for `edge-slm serve` until the real server lands. ---
-_STANDIN = r"""
-import json, sys, functools
-from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
-import edge_slm
-bundle, embedder, static, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-model = edge_slm.load(bundle)
-embedder = edge_slm.load(embedder)
-class H(SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def __init__(self, *a, **k):
-        super().__init__(*a, directory=static, **k)
-    def do_GET(self):
-        if self.path == "/health":
-            return self._json(200, {"status": "ok"})
-        return super().do_GET()
-    def _json(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path == "/v1/embeddings":
-            vectors = embedder.embed(body["input"])
-            return self._json(200, {"data": [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]})
-        if self.path != "/v1/chat/completions":
-            return self._json(404, {"error": {"message": "not found"}})
-        kw = dict(max_new_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.7))
-        if not body.get("stream"):
-            r = model.chat(body["messages"], **kw)
-            return self._json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": "length"}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        def send(s):
-            b = s.encode()
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(b), b)); self.wfile.flush()
-        for c in model.stream_chat(body["messages"], **kw):
-            send("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": c.text}, "finish_reason": None}]}) + "\n\n")
-        send("data: [DONE]\n\n")
-        self.wfile.write(b"0\r\n\r\n")
-ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-"""
-
-
 def _serve_command(bundle: Path, embedder: Path, port: int) -> list[str]:
-    import importlib.util
-
-    if importlib.util.find_spec("edge_slm.cli.serve") is None:
-        return [sys.executable, "-c", _STANDIN, str(bundle), str(embedder), str(KIOSK), str(port)]
+    """``edge-slm serve GENERATOR EMBEDDER --static examples/kiosk --port PORT``."""
     return [
         str(Path(sys.executable).with_name("edge-slm")),
         "serve",
