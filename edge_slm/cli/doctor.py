@@ -174,7 +174,7 @@ def measure_run(bundle: str, new_tokens: int, threads: int | None) -> dict[str, 
         story = model.encode(_STORY * 4, add_special_tokens=False)
         prompt = story[: max(1, min(32, context - new_tokens - 1))]
         banned = {int(t): float("-inf") for t in model.manifest.special_tokens.eos_token_ids}
-        options = {"temperature": 0.0, "logit_bias": banned or None}
+        options: dict[str, Any] = {"temperature": 0.0, "logit_bias": banned or None}
         for _ in model.generate_tokens(prompt, max_new_tokens=2, **options):
             pass  # warm-up: onnxruntime allocates its arenas on the first runs
         begin = time.perf_counter()
