@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--graph",
         choices=("auto", "optimum", "fused"),
         default="auto",
-        help="fused GroupQueryAttention graph (Llama, Qwen2) or optimum's plain graph; "
+        help="fused GroupQueryAttention graph (GPT-2, Llama, Qwen2: export/architectures/) "
+        "or optimum's plain graph; "
         "auto (default): fused where supported",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")

@@ -1,4 +1,4 @@
-"""Export a Hugging Face decoder (GPT-2, Llama, Qwen2) to an edge-slm bundle."""
+"""Export a Hugging Face decoder (a family in :mod:`edge_slm_export.architectures`) to a bundle."""
 
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ from edge_slm.bundle import (
     SpecialTokens,
     write_manifest,
 )
+from edge_slm_export.architectures import decoder_architecture
 from edge_slm_export.chat_template import compile_chat_template
-from edge_slm_export.errors import ExportError, UnsupportedModelError
+from edge_slm_export.errors import ExportError
 from edge_slm_export.progress import Reporter, silent_reporter, step
 from edge_slm_export.source import LoadedSource, load_source
 from edge_slm_export.validate import validate_decoder
 
-SUPPORTED_DECODERS = ("gpt2", "llama", "qwen2")
-FUSED_DECODERS = ("llama", "qwen2", "gpt2")  # families export/fused(_gpt2).py build
 GRAPHS = ("auto", "optimum", "fused")
 DEFAULT_TOLERANCE = 1e-3
 _TOOLS = ("edge-slm", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
@@ -37,8 +36,9 @@ class ExportOptions:
 
     tolerance: float = DEFAULT_TOLERANCE
     opset: int | None = None
-    # "auto": fused for the families export/fused.py builds, optimum's graph otherwise;
-    # "optimum": optimum's plain graph; "fused": export/fused.py (Llama, Qwen2; GPT-2 in export/fused_gpt2.py)
+    # "auto": the fused graph for the families that build one (export/architectures/,
+    # fused = True), optimum's graph otherwise; "optimum": optimum's plain graph;
+    # "fused": the family's build_fused_graph (export/fused_graph.py has the common parts)
     graph: str = "auto"
     overwrite: bool = False
 
@@ -154,25 +154,20 @@ def export_decoder(
         work = Path(tmp)
         with step(report, f"loading {source}"):
             loaded = load_source(source, work)
-        model_type = loaded.model.config.model_type
-        if model_type not in SUPPORTED_DECODERS:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported; supported decoders: "
-                f"{list(SUPPORTED_DECODERS)}"
-            )
+        architecture = decoder_architecture(loaded.model.config.model_type)
         if options.graph not in GRAPHS:
             raise ExportError(f"unknown graph {options.graph!r}; allowed: {list(GRAPHS)}")
         if options.graph == "auto":
-            options = replace(options, graph="fused" if model_type in FUSED_DECODERS else "optimum")
+            options = replace(options, graph="fused" if architecture.fused else "optimum")
+        fused_io = None
         with step(report, f"exporting to ONNX ({options.graph} graph)"):
             if options.graph == "fused":
-                from edge_slm_export.fused import build_fused_decoder
-
-                onnx_path = build_fused_decoder(loaded.model, work / "onnx" / "model.onnx").path
+                fused = architecture.build_fused_graph(loaded.model, work / "onnx" / "model.onnx")
+                onnx_path, fused_io = fused.path, fused.io
             else:
                 onnx_path = _onnx_export(loaded.hf_dir, work / "onnx", options.opset)
         try:
-            _assemble(loaded, onnx_path, out_dir, options, report)
+            _assemble(loaded, onnx_path, out_dir, fused_io, options, report)
         except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)
             raise
@@ -183,10 +178,14 @@ def _assemble(
     loaded: LoadedSource,
     onnx_path: Path,
     out_dir: Path,
+    fused_io: DecoderIO | None,
     options: ExportOptions,
     report: Reporter,
 ) -> None:
-    """Copy graph and tokenizer into the bundle, validate, write the manifest."""
+    """Copy graph and tokenizer into the bundle, validate, write the manifest.
+
+    ``fused_io`` is the fused graph's decoder section; None reads optimum's graph.
+    """
     import onnx
 
     for path in onnx_path.parent.iterdir():
@@ -196,11 +195,7 @@ def _assemble(
     tokenizer_json.save(str(out_dir / "tokenizer.json"))
     graph = onnx.load(str(out_dir / "model.onnx"), load_external_data=False)
     config = loaded.model.config
-    io = _decoder_io(config, {i.name for i in graph.graph.input})
-    if options.graph == "fused":
-        from edge_slm_export.fused import fused_decoder_io
-
-        io = fused_decoder_io(config, int(config.max_position_embeddings))
+    io = fused_io or _decoder_io(config, {i.name for i in graph.graph.input})
     with step(report, "validating ONNX against torch"):
         validation = validate_decoder(
             out_dir / "model.onnx", io, loaded.model, loaded.tokenizer, options.tolerance

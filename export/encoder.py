@@ -1,4 +1,4 @@
-"""Export a Hugging Face encoder (BERT, DistilBERT, RoBERTa) to an edge-slm bundle.
+"""Export a Hugging Face encoder (BERT, DistilBERT, RoBERTa: :mod:`edge_slm_export.architectures`) to a bundle.
 
 Two tasks:
 
@@ -32,6 +32,7 @@ import numpy as np
 
 from edge_slm.bundle import EncoderIO, Manifest, Provenance, SpecialTokens, write_manifest
 from edge_slm.encoders.encoder import EncoderModel
+from edge_slm_export.architectures import encoder_architecture
 from edge_slm_export.decoder import prepare_output, tool_versions
 from edge_slm_export.errors import ExportError, UnsupportedModelError
 from edge_slm_export.pooling import LinearHead, Pooling, add_pooling
@@ -39,12 +40,9 @@ from edge_slm_export.progress import Reporter, silent_reporter, step
 from edge_slm_export.source import LoadedSource, _folder_sha256, load_source, source_kind
 from edge_slm_export.validate_encoder import validate_encoder
 
-SUPPORTED_ENCODERS = ("bert", "distilbert", "roberta")
 ENCODER_TASKS = ("text-classification", "feature-extraction")
 EncoderTask = Literal["text-classification", "feature-extraction"]
 DEFAULT_TOLERANCE = 1e-4
-# Position-embedding rows RoBERTa reserves before the first real position (padding_idx + 1).
-_POSITION_OFFSET = {"roberta": lambda config: int(config.pad_token_id) + 1}
 
 
 @dataclass(frozen=True)
@@ -189,7 +187,7 @@ def onnx_export(hf_dir: Path, out: Path, task: EncoderTask, opset: int | None) -
 def context_length(config: Any, tokenizer: Any, cap: int | None) -> int:
     """Tokens per input the model accepts: positions, tokenizer and caller limits."""
     positions = int(config.max_position_embeddings)
-    positions -= _POSITION_OFFSET.get(config.model_type, lambda c: 0)(config)
+    positions -= encoder_architecture(config.model_type).position_offset(config)
     limits = [positions]
     if 0 < int(getattr(tokenizer, "model_max_length", 0) or 0) < 1_000_000:
         limits.append(int(tokenizer.model_max_length))
@@ -266,7 +264,8 @@ def export_encoder(
         The bundle folder.
 
     Raises:
-        UnsupportedModelError: not a BERT/DistilBERT/RoBERTa, or an unsupported pooling.
+        UnsupportedModelError: not an encoder family in edge_slm_export.architectures, or an
+            unsupported pooling.
         ValidationError: the ONNX outputs differ from torch beyond ``options.tolerance``.
     """
     options = options or EncoderExportOptions()
@@ -292,12 +291,7 @@ def export_encoder(
                     loaded = load_source(source, work, task="text-classification")
                 else:
                     loaded = _load_bare_encoder(source)
-            model_type = loaded.model.config.model_type
-            if model_type not in SUPPORTED_ENCODERS:
-                raise UnsupportedModelError(
-                    f"model_type {model_type!r} is not supported; supported encoders: "
-                    f"{list(SUPPORTED_ENCODERS)}"
-                )
+            encoder_architecture(loaded.model.config.model_type)  # refuses unknown families
             graph_task: EncoderTask = "feature-extraction" if head is not None else task
             with step(report, "exporting to ONNX"):
                 onnx_path = onnx_export(loaded.hf_dir, work / "onnx", graph_task, options.opset)
@@ -386,7 +380,7 @@ def _assemble(
         labels=labels,
     )
     with step(report, "validating ONNX against torch"):
-        runtime = EncoderModel(out_dir, manifest, threads=None)
+        runtime = EncoderModel(out_dir, manifest)
         validation = validate_encoder(
             runtime, loaded.model, loaded.tokenizer, forward, options.tolerance
         )

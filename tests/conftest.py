@@ -45,12 +45,14 @@ def bundles(
 def fused_bundles(
     hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
-    """family -> fp32 fused bundle (the default graph of Llama and Qwen2)."""
-    from edge_slm_export.decoder import FUSED_DECODERS, ExportOptions, export_decoder
+    """family -> fp32 fused bundle (the default graph of every family that builds one)."""
+    from edge_slm_export.architectures import decoder_architecture, supported
+    from edge_slm_export.decoder import ExportOptions, export_decoder
 
     root = tmp_path_factory.mktemp("fused")
     options = ExportOptions(graph="fused")
-    return {f: export_decoder(str(hf_models[f]), root / f, options) for f in FUSED_DECODERS}
+    fused = [f for f in supported("decoder") if decoder_architecture(f).fused]
+    return {f: export_decoder(str(hf_models[f]), root / f, options) for f in fused}
 
 
 @pytest.fixture(scope="session")
