@@ -55,6 +55,7 @@ $(VENV)/.browser: $(VENV)/.installed
 
 test-browser: setup $(VENV)/.browser
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "test-browser: installing Debian's chromium and chromium-driver with apt-get"; \
 	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$sudo apt-get update && \
 	  $$sudo apt-get install -y --no-install-recommends chromium chromium-driver; \
