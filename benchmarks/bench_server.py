@@ -8,8 +8,9 @@ Usage (from the repository root; ``make bench-server`` sets up the peers and run
 
 Engines (``--engines``, comma-separated, default ``edge-slm,llama-server,llama-cpp-python``):
 
-* ``edge-slm``: ``.venv/bin/edge-slm serve BUNDLE --port P`` (plus ``--edge-args``), on the
-  demo's 4-bit bundle by default (``bundles/smollm2-135m-instruct-int4``: the GGUF's own
+* ``edge-slm``: ``.venv/bin/edge-slm serve BUNDLE --port P --threads THREADS --max-live
+  C --quiet`` (C the highest concurrency; plus ``--edge-args``), on the demo's 4-bit
+  bundle by default (``bundles/smollm2-135m-instruct-int4``: the GGUF's own
   Q4_1 blocks);
 * ``llama-server``: llama.cpp's server on the same GGUF, ``-t/-tb THREADS``, ``-np`` slots
   for the highest concurrency, ``--cont-batching`` (concurrent requests share each
@@ -125,7 +126,10 @@ def server_command(engine: str, port: int, args: argparse.Namespace) -> tuple[li
     """The command starting ``engine`` on ``port``, and the path that answers 200 when ready."""
     top = max(args.concurrency)
     if engine == EDGE:
-        command = [str(ROOT / ".venv/bin/edge-slm"), "serve", str(args.bundle), "--port", str(port)]
+        command = [
+            str(ROOT / ".venv/bin/edge-slm"), "serve", str(args.bundle), "--port", str(port),
+            "--threads", str(args.threads), "--max-live", str(top), "--quiet",
+        ]  # fmt: skip
         return command + args.edge_args.split(), "/health"
     if engine == LLAMA_SERVER:
         slot_ctx = max(1024, 2 * args.max_tokens + 512)  # prompt + answer, with room
@@ -340,6 +344,7 @@ def write_table(runs: list[Run], args: argparse.Namespace, loads: tuple[float, f
                 flagged.append(f"{engine} c={c}")
             lines.append(row + f" {check} |")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    bundle = args.bundle.relative_to(ROOT) if args.bundle.is_relative_to(ROOT) else args.bundle
     rss = {
         e: _median([r.peak_rss_bytes / 2**20 for r in runs if r.engine == e]) for e in engines
     }  # fmt: skip
@@ -355,12 +360,18 @@ def write_table(runs: list[Run], args: argparse.Namespace, loads: tuple[float, f
         "Servers: "
         + "; ".join(f"{e}: ready in {ready[e]:.1f} s, peak RSS {rss[e]:.0f} MiB" for e in engines)
         + ".",
-        f"edge-slm: `edge-slm serve {args.bundle.relative_to(ROOT) if args.bundle.is_relative_to(ROOT) else args.bundle}"
-        f"{' ' + args.edge_args if args.edge_args else ''}`. llama-server: "
-        f"`-t {args.threads} -tb {args.threads} -np {max(args.concurrency)} --cont-batching` on "
-        f"`{args.gguf.name}` (llama.cpp vendored by llama-cpp-python {peers.LLAMA_VERSION}). "
-        f"llama-cpp-python {peers.LLAMA_VERSION}: one request at a time.",
     ]
+    how = {
+        EDGE: f"edge-slm: `edge-slm serve {bundle} --threads {args.threads} --max-live "
+        f"{max(args.concurrency)}{' ' + args.edge_args if args.edge_args else ''}`",
+        LLAMA_SERVER: f"llama-server (llama.cpp vendored by llama-cpp-python "
+        f"{peers.LLAMA_VERSION}): `-t {args.threads} -tb {args.threads} -np "
+        f"{max(args.concurrency)} --cont-batching` on `{args.gguf.name}`: concurrent "
+        "requests share each decode step",
+        LLAMA_PYTHON: f"llama-cpp-python {peers.LLAMA_VERSION}'s server on the same GGUF: "
+        "one request at a time (a global lock; the others wait)",
+    }
+    notes.append("; ".join(how[e] for e in engines) + ".")
     if flagged:
         notes.append("**Flagged** (token counts not all equal to max_tokens, or errors): "
                      + ", ".join(flagged) + ".")  # fmt: skip
@@ -382,7 +393,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8])
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2, help="the llama.cpp servers' threads")
+    parser.add_argument("--threads", type=int, default=2, help="every server's threads")
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     parser.add_argument("--gguf", type=Path, default=GGUF)
     parser.add_argument(
