@@ -321,12 +321,34 @@ def test_kiosk_page(server: str, driver: Any) -> None:
     assert not error.is_displayed()
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg")) == 2
 
+    # Stop (the Send button while an answer streams), pressed at the first piece: the
+    # answer stays as far as it got and joins the conversation.
+    browser.execute_script(
+        LISTEN_JS + "document.addEventListener('kiosk:delta',"
+        " () => document.getElementById('send').click(), {once: true});"
+    )
+    browser.find_element(By.ID, "question").send_keys("And the bus?")
+    assert browser.find_element(By.ID, "send").text == "Send"
+    browser.find_element(By.ID, "send").click()
+    _wait(browser, "document.getElementById('send').textContent === 'Send'", 60, "the stop")
+    first = browser.execute_script("return __deltas")[0][0]
+    assert _shown_answer(browser) == first
+    request = browser.execute_script("return kiosk.lastRequest")
+    full = _post(server + "/v1/chat/completions", {**request, "stream": False})
+    assert full["choices"][0]["message"]["content"].startswith(first)
+    assert len(full["choices"][0]["message"]["content"]) > len(first)  # it was cut short
+    assert browser.execute_script("return kiosk.history")[-1] == {
+        "role": "assistant",
+        "content": first,
+    }
+    assert browser.execute_script("return window.__done") is None
+
     # Nobody touches the screen: the countdown shows, then the page starts over.
     browser.execute_script("kiosk.config.idle_timeout_s = 3; kiosk.config.idle_warning_s = 2")
     _wait(browser, "!document.getElementById('idle').hidden", 10, "the idle countdown")
     browser.find_element(By.ID, "idle-stay").click()  # "I'm still here"
     assert not browser.find_element(By.ID, "idle").is_displayed()
-    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg")) == 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg")) == 4
     _wait(browser, "!document.getElementById('idle').hidden", 10, "the idle countdown again")
     _wait(browser, "document.querySelectorAll('.msg').length === 0", 10, "the idle reset")
     assert browser.find_element(By.ID, "idle").is_displayed() is False

@@ -181,6 +181,7 @@
         ? parser.push(decoder.decode()).concat(parser.end())
         : parser.push(decoder.decode(value, { stream: true }));
       for (const data of events) {
+        if (signal.aborted) throw new DOMException("stopped", "AbortError"); // Stop, mid-read
         if (data === "[DONE]") {
           reader.cancel().catch(() => {});
           return finish;
