@@ -5,8 +5,9 @@ examples/kiosk``; selenium drives Debian's ``chromium`` through ``chromedriver``
 load: the SSE parser on split chunks, a question typed and sent, its answer streamed
 (growing piece by piece, equal to the API's non-streamed answer at ``temperature: 0``:
 the tiny model's text is gibberish, so its meaning is not checked), a screenshot to
-``docs/kiosk.png``, a FAQ button, the error shown for an unreachable server and the
-retry, the reset button and the idle reset.
+``docs/kiosk.png``, a FAQ button and the FAQ search through a served tiny embedder, the
+reset button, the error shown for an unreachable server and the retry, Stop mid-answer,
+and the idle countdown and reset.
 
 Opt-in (``-m browser``): ``make test-browser`` installs chromium, chromium-driver and
 selenium, then runs it.
