@@ -39,6 +39,13 @@ commands:
 Ctrl-C stops an answer (the stopped answer is not kept); Ctrl-D leaves."""
 
 PROMPT = "> "
+# C0/C1 control characters but tab and newline: a model's output must not drive the terminal
+_CONTROLS = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)]}
+
+
+def printable(text: str) -> str:
+    """``text`` without the control characters a terminal would act on (escapes, bells)."""
+    return text.translate(_CONTROLS)
 
 
 class ChatSession:
@@ -142,13 +149,17 @@ def _enable_line_editing(stdin: TextIO) -> None:
 
 
 def _read_line(stdin: TextIO, stdout: TextIO) -> str | None:
-    """The next line typed; None at end of input. KeyboardInterrupt propagates."""
+    """The next line typed; None at end of input. KeyboardInterrupt propagates.
+
+    The prompt is shown only when stdin is a terminal (piped lines need none).
+    """
+    prompt = PROMPT if stdin.isatty() else ""
     if stdin is sys.stdin and stdout is sys.stdout:
         try:
-            return input(PROMPT)
+            return input(prompt)
         except EOFError:
             return None
-    stdout.write(PROMPT)
+    stdout.write(prompt)
     stdout.flush()
     line = stdin.readline()
     return line.rstrip("\n") if line else None
@@ -164,7 +175,7 @@ def _stream_answer(
         chunks = session.answer(user)
         try:
             for chunk in chunks:
-                stdout.write(chunk.text)
+                stdout.write(printable(chunk.text))
                 stdout.flush()
                 pieces.append(chunk.text)
                 reason = chunk.finish_reason
@@ -258,7 +269,8 @@ def run_chat(
                 stderr.flush()
                 continue
             if line is None:
-                stdout.write("\n")
+                if stdin.isatty():
+                    stdout.write("\n")  # end the prompt's line
                 return 0
             text = line.strip()
             if not text:
