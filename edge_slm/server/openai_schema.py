@@ -1,0 +1,423 @@
+"""OpenAI request bodies -> the runtime's options, validated, with OpenAI's error fields.
+
+Policy for fields (docs/server.md, "Request fields"):
+
+* implemented fields are validated (type and range) and mapped to
+  :class:`edge_slm.GenerationOptions` names;
+* harmless OpenAI fields that only label or route a request (``user``, ``metadata``,
+  ``store``, ``service_tier``, ...) are accepted and ignored (:data:`IGNORED`);
+* OpenAI fields whose default we honour are accepted only at that default
+  (``tools: []``, ``response_format: {"type": "text"}``, ``echo: false``, ...);
+* anything else is refused with a 400 naming the field: a request is never silently
+  answered differently from what it asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_slm.server.errors import ApiError, bad_request
+
+IGNORED = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
+"""OpenAI fields accepted and ignored: they label or route a request, never change an answer."""
+
+EXTENSIONS = ("top_k", "min_p", "typical_p", "repetition_penalty")
+"""Our sampler fields beyond OpenAI's, accepted in the same body (as llama.cpp's server does)."""
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation: a chat (messages) or a plain prompt, and its choice index."""
+
+    index: int
+    seed_offset: int
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A validated /v1/chat/completions or /v1/completions request."""
+
+    chat: bool
+    model: str | None
+    jobs: tuple[Job, ...]
+    options: dict[str, Any]
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EncoderRequest:
+    """A validated /v1/embeddings or /v1/classifications request."""
+
+    model: str | None
+    texts: tuple[str, ...]
+    single: bool
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    top_k: int | None = None
+    threshold: float | None = None
+
+
+# ------------------------------------------------------------------ field checks
+def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise bad_request(f"'{name}' must be a number, got {value!r}", name)
+    if not low <= value <= high:
+        raise bad_request(f"'{name}' must be between {low:g} and {high:g}, got {value!r}", name)
+    return float(value)
+
+
+def _integer(body: Mapping[str, Any], name: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"'{name}' must be an integer, got {value!r}", name)
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"between {low} and {high}"
+        raise bad_request(f"'{name}' must be {allowed}, got {value}", name)
+    return value
+
+
+def _boolean(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be true or false, got {value!r}", name)
+    return value
+
+
+def _model(body: Mapping[str, Any]) -> str | None:
+    value = body.get("model")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise bad_request(f"'model' must be a string, got {value!r}", "model")
+    return value
+
+
+def _only_default(body: Mapping[str, Any], name: str, allowed: Sequence[Any], why: str) -> None:
+    """Accept ``name`` only at a value we honour (its OpenAI default)."""
+    if name in body and body[name] not in allowed:
+        raise bad_request(f"'{name}' is not supported by this server ({why})", name, "unsupported")
+
+
+def _check_unknown(body: Mapping[str, Any], known: frozenset[str]) -> None:
+    for name in body:
+        if name not in known and name not in IGNORED:
+            raise bad_request(
+                f"unknown or unsupported field '{name}' (see docs/server.md for the fields "
+                "this server implements)",
+                name,
+                "unsupported",
+            )
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise bad_request("'stop' must be a non-empty string or a list of them", "stop")
+    if len(items) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' takes at most {MAX_STOP_STRINGS} strings", "stop")
+    return tuple(items)
+
+
+def _logit_bias(body: Mapping[str, Any], vocab_size: int) -> dict[int, float] | None:
+    value = body.get("logit_bias")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("'logit_bias' must map token ids (strings) to biases", "logit_bias")
+    bias: dict[int, float] = {}
+    for key, amount in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise bad_request(
+                f"'logit_bias' keys are token ids, got {key!r}", "logit_bias"
+            ) from None
+        if not 0 <= token < vocab_size:
+            raise bad_request(
+                f"'logit_bias' token id {token} is outside the vocabulary [0, {vocab_size})",
+                "logit_bias",
+            )
+        if isinstance(amount, bool) or not isinstance(amount, int | float):
+            raise bad_request(f"'logit_bias' values are numbers, got {amount!r}", "logit_bias")
+        if not -100 <= amount <= 100:
+            raise bad_request(
+                f"'logit_bias' values must be between -100 and 100, got {amount}", "logit_bias"
+            )
+        bias[token] = float(amount)
+    return bias or None
+
+
+def _content(message: Mapping[str, Any], index: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: text only
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad_request(
+                    f"messages[{index}]: content part of type {kind!r} is not supported "
+                    "(text only)",
+                    f"messages[{index}].content",
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise bad_request(
+                    f"messages[{index}]: a text part needs a string 'text'",
+                    f"messages[{index}].content",
+                )
+            texts.append(text)
+        return "".join(texts)
+    raise bad_request(
+        f"messages[{index}]: 'content' must be a string or a list of text parts",
+        f"messages[{index}].content",
+    )
+
+
+def _messages(body: Mapping[str, Any]) -> tuple[dict[str, str], ...]:
+    value = body.get("messages")
+    if not isinstance(value, list) or not value:
+        raise bad_request("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]")
+        role = message.get("role")
+        if role not in ROLES:
+            raise bad_request(
+                f"messages[{i}]: role {role!r} is not supported; allowed: {', '.join(ROLES)}",
+                f"messages[{i}].role",
+            )
+        if message.get("tool_calls") or message.get("function_call"):
+            raise bad_request(f"messages[{i}]: tool calls are not supported", f"messages[{i}]")
+        # OpenAI's "developer" role is the system role of newer models.
+        out.append(
+            {"role": "system" if role == "developer" else role, "content": _content(message, i)}
+        )
+    return tuple(out)
+
+
+def _prompts(body: Mapping[str, Any]) -> tuple[str, ...]:
+    value = body.get("prompt")
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise bad_request(
+        "'prompt' must be a string or a non-empty list of strings (token-id prompts are "
+        "not supported)",
+        "prompt",
+    )
+
+
+# ------------------------------------------------------------------ requests
+_SAMPLING = frozenset(
+    {
+        "model",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "logit_bias",
+        "logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        *EXTENSIONS,
+    }
+)
+_CHAT_FIELDS = _SAMPLING | {
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "modalities",
+}
+_COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "best_of", "suffix"}
+
+
+def parse_completion(
+    body: Mapping[str, Any], *, chat: bool, vocab_size: int, max_n: int
+) -> CompletionRequest:
+    """Validate a chat or text completion body; ``vocab_size`` bounds ``logit_bias``."""
+    _check_unknown(body, _CHAT_FIELDS if chat else _COMPLETION_FIELDS)
+    if chat:
+        _only_default(body, "tools", [None, []], "no tool calling")
+        _only_default(body, "functions", [None, []], "no tool calling")
+        _only_default(body, "tool_choice", [None, "none", "auto"], "no tool calling")
+        _only_default(body, "function_call", [None, "none", "auto"], "no tool calling")
+        _only_default(body, "response_format", [None, {"type": "text"}], "text answers only")
+        _only_default(body, "modalities", [None, ["text"]], "text answers only")
+    else:
+        _only_default(body, "echo", [None, False], "the prompt is not echoed")
+        _only_default(body, "suffix", [None, ""], "no insertion")
+    n = _integer(body, "n", 1, max_n) or 1
+    if not chat:
+        best_of = _integer(body, "best_of", 1)
+        if best_of is not None and best_of != n:
+            raise bad_request("'best_of' other than n is not supported", "best_of", "unsupported")
+    max_tokens = _integer(body, "max_tokens", 1)
+    if chat:
+        alias = _integer(body, "max_completion_tokens", 1)
+        if alias is not None and max_tokens is not None and alias != max_tokens:
+            raise bad_request(
+                "'max_tokens' and 'max_completion_tokens' disagree", "max_completion_tokens"
+            )
+        max_tokens = alias if alias is not None else max_tokens
+    stream = _boolean(body, "stream")
+    stream_options = body.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise bad_request("'stream_options' must be an object", "stream_options")
+        if not stream:
+            raise bad_request("'stream_options' needs 'stream': true", "stream_options")
+        include_usage = bool(stream_options.get("include_usage", False))
+    if chat:
+        logprobs = _boolean(body, "logprobs")
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top is not None and not logprobs:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        top_logprobs = top or 0
+    else:
+        # /v1/completions: logprobs is the number of alternatives (null = none).
+        top = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+        logprobs, top_logprobs = top is not None, top or 0
+    seed = _integer(body, "seed", 0)
+    options: dict[str, Any] = {
+        "temperature": _number(body, "temperature", 0.0, 2.0),
+        "top_p": _number(body, "top_p", 0.0, 1.0),
+        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0) or 0.0,
+        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
+        "top_k": _integer(body, "top_k", 0),
+        "min_p": _number(body, "min_p", 0.0, 1.0),
+        "typical_p": _number(body, "typical_p", 0.0, 1.0),
+        "repetition_penalty": _number(body, "repetition_penalty", 0.0, 10.0),
+        "stop": _stop(body),
+        "logit_bias": _logit_bias(body, vocab_size),
+        "logprobs": top_logprobs,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    if chat:
+        messages = _messages(body)
+        jobs = tuple(Job(i, i, messages=messages) for i in range(n))
+    else:
+        prompts = _prompts(body)
+        jobs = tuple(
+            Job(p * n + i, i, prompt=prompt) for p, prompt in enumerate(prompts) for i in range(n)
+        )
+    return CompletionRequest(
+        chat=chat,
+        model=_model(body),
+        jobs=jobs,
+        options=options,
+        max_tokens=max_tokens,
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        seed=seed,
+    )
+
+
+def _texts(body: Mapping[str, Any]) -> tuple[tuple[str, ...], bool]:
+    value = body.get("input")
+    if isinstance(value, str):
+        texts: tuple[str, ...] = (value,)
+        single = True
+    elif isinstance(value, list) and value and all(isinstance(t, str) for t in value):
+        texts, single = tuple(value), False
+    else:
+        raise bad_request(
+            "'input' must be a string or a non-empty list of strings (token-id inputs are "
+            "not supported)",
+            "input",
+        )
+    if any(not t for t in texts):
+        raise bad_request("'input' must not contain empty strings", "input")
+    return texts, single
+
+
+def parse_embeddings(body: Mapping[str, Any], max_inputs: int) -> EncoderRequest:
+    """Validate a /v1/embeddings body."""
+    _check_unknown(body, frozenset({"model", "input", "encoding_format", "dimensions"}))
+    texts, single = _texts(body)
+    if len(texts) > max_inputs:
+        raise bad_request(f"'input' takes at most {max_inputs} texts", "input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise bad_request(
+            f"'encoding_format' must be 'float' or 'base64', got {encoding!r}", "encoding_format"
+        )
+    return EncoderRequest(
+        model=_model(body),
+        texts=texts,
+        single=single,
+        encoding_format=encoding,
+        dimensions=_integer(body, "dimensions", 1),
+    )
+
+
+def parse_classifications(body: Mapping[str, Any], max_inputs: int) -> EncoderRequest:
+    """Validate a /v1/classifications body (our endpoint, shaped like /v1/embeddings)."""
+    _check_unknown(body, frozenset({"model", "input", "top_k", "threshold"}))
+    texts, single = _texts(body)
+    if len(texts) > max_inputs:
+        raise bad_request(f"'input' takes at most {max_inputs} texts", "input")
+    return EncoderRequest(
+        model=_model(body),
+        texts=texts,
+        single=single,
+        top_k=_integer(body, "top_k", 1),
+        threshold=_number(body, "threshold", 0.0, 1.0),
+    )
+
+
+def require_object(body: Any) -> dict[str, Any]:
+    """The parsed JSON must be an object."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
