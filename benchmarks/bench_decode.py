@@ -11,7 +11,7 @@ engines interleaved round after round so that a busy machine slows them alike; t
 table holds medians. Two runs per engine and round: a 32-token prompt + 64 greedy
 tokens (decode speed), and a 512-token prompt + 1 token (prefill speed). Rows:
 optimum's plain graph in fp32 and int8, the fused graph in fp32, int8 and the registry's
-4-bit variants (``int4``, ``int4-shared``, ``int4-emb8``, ``int4-search``, ``gguf``: the
+4-bit variants (``int4-rtn``, ``int4-rtn-shared``, ``int4-rtn-emb8``, ``int4-search``, ``gguf``: the
 GGUF's own blocks, ``gguf-head4``), genai's int4 model run by its own loop, transformers
 ``generate`` on torch fp32 and, as a second torch reference, a hand-written greedy loop
 over the same model with its KV cache.
@@ -63,9 +63,9 @@ EVAL_TEXT = ROOT / ".cache/assets/war-of-the-worlds.txt"
 PPL_CACHE = BUNDLES / "perplexity.json"
 # fused-graph variants: row name -> (bundle folder, registry method)
 VARIANTS = {
-    "fused int4": (FUSED_INT4, "int4"),
-    "fused int4-shared": (BUNDLES / "smollm2-fused-int4-shared", "int4-shared"),
-    "fused int4-emb8": (BUNDLES / "smollm2-fused-int4-emb8", "int4-emb8"),
+    "fused int4": (FUSED_INT4, "int4-rtn"),
+    "fused int4-shared": (BUNDLES / "smollm2-fused-int4-shared", "int4-rtn-shared"),
+    "fused int4-emb8": (BUNDLES / "smollm2-fused-int4-emb8", "int4-rtn-emb8"),
     "fused gguf": (BUNDLES / "smollm2-fused-gguf", "gguf"),
     "fused int4-search": (BUNDLES / "smollm2-fused-int4-search", "int4-search"),
     "fused gguf-head4": (BUNDLES / "smollm2-fused-gguf-head4", "gguf-head4"),

@@ -58,9 +58,9 @@ CONFIGS = [
     Config("int4-search", symmetric=False),
     Config("int4-search", block_size=64),
     Config("int4-search", accuracy_level=1),
-    Config("int4-shared"),  # onnxruntime's round-to-nearest, asymmetric
-    Config("int4-shared", symmetric=True),  # ... symmetric, as onnxruntime-genai's builder
-    Config("int4-emb8"),
+    Config("int4-rtn-shared"),  # onnxruntime's round-to-nearest, asymmetric
+    Config("int4-rtn-shared", symmetric=True),  # ... symmetric, as onnxruntime-genai's builder
+    Config("int4-rtn-emb8"),
     Config("gguf-head4"),
     Config("gguf"),
 ]

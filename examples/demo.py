@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 QUESTION = "What is the capital of France?"
-# bundle suffix -> quantization method (see quantize/methods.py)
+# bundle suffix -> quantization method (see quantize/methods/)
 VARIANTS = {
     "int8": "int8",  # 8-bit weight-only, int8 activations
     # 4-bit, best quality: the GGUF's own Q4_1 layer blocks carried over unchanged, the

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="METHOD",
-        help="also write OUT_DIR-METHOD quantized with METHOD (repeatable, e.g. int4, int8; gguf: "
+        help="also write OUT_DIR-METHOD quantized with METHOD (repeatable, e.g. int4-search, int8; gguf: "
         "a .gguf source's own blocks, with --graph fused)",
     )
     parser.add_argument("--eval-text", type=Path, help="text file for perplexity before/after")

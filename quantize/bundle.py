@@ -148,7 +148,9 @@ def quantize_bundle(
     Args:
         src: an fp32 text-generation bundle (its checksums are verified).
         out: the folder to write; it must be empty unless ``overwrite``.
-        method: a registered method name (``int8``, ``int4``; see ``edge_slm_quantize.methods``).
+        method: a registered method name (``int8``, ``int4-search``, ...; see
+            ``edge_slm_quantize.methods``); a former name (``int4``) warns and is recorded
+            under the new one.
         eval_text: UTF-8 text file to measure perplexity on before and after; None skips it.
         block_size, symmetric, accuracy_level: override the method's defaults (None keeps them).
         eval_tokens: tokens of ``eval_text`` to score at most.

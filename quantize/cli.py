@@ -1,4 +1,4 @@
-"""``edge-slm quantize BUNDLE OUT_DIR --method int4|int8``: argument parsing only.
+"""``edge-slm quantize BUNDLE OUT_DIR --method int4-search|int8|...``: argument parsing only.
 
 Progress goes to stderr; the summary (sizes, quantized MatMuls, perplexities) to stdout.
 Options left out take the method's defaults.
@@ -16,7 +16,7 @@ from edge_slm.errors import EdgeSlmError
 from edge_slm.generation.perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
 from edge_slm_export.progress import stderr_reporter
 from edge_slm_quantize.bundle import quantize_bundle
-from edge_slm_quantize.methods import METHODS
+from edge_slm_quantize.methods import ALIASES, METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     methods += (
         "; encoder bundles: dynamic-int8, static-int8 (see python -m edge_slm_quantize.encoder -h)"
     )
-    parser.add_argument("--method", required=True, choices=sorted(METHODS), help=methods)
+    methods += "; former names, still accepted: " + ", ".join(
+        f"{old} (now {new})" for old, new in sorted(ALIASES.items())
+    )
+    parser.add_argument(
+        "--method", required=True, choices=sorted([*METHODS, *ALIASES]), help=methods
+    )
     parser.add_argument("--eval-text", type=Path, help="UTF-8 text file: perplexity before/after")
     parser.add_argument(
         "--eval-tokens",

@@ -309,7 +309,7 @@ def quantize_encoder_bundle(
     if manifest.task not in ("text-classification", "feature-extraction"):
         raise QuantizationError(
             f"{str(source)!r} is a {manifest.task} bundle; encoder methods need "
-            "text-classification or feature-extraction (use --method int8/int4 for decoders)"
+            "text-classification or feature-extraction (use --method int8/int4-search for decoders)"
         )
     if manifest.quantization.method != "none":
         raise AlreadyQuantizedError(

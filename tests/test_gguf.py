@@ -249,9 +249,9 @@ def test_tied_embedding_is_stored_once_quantized(
     _, _, transcoded = gguf_bundles
     assert _shares_embedding(transcoded)
     assert "shared with the lm_head" in read_bundle(transcoded).quantization.details["embedding"]
-    plain = quantize_bundle(fused_llama_folder_bundle, tmp_path / "int4", "int4")
+    plain = quantize_bundle(fused_llama_folder_bundle, tmp_path / "int4", "int4-rtn")
     sizes = {}
-    for method in ("int4-shared", "int4-emb8"):
+    for method in ("int4-rtn-shared", "int4-rtn-emb8"):
         out = quantize_bundle(fused_llama_folder_bundle, tmp_path / method, method)
         assert _shares_embedding(out), method
         sizes[method] = read_bundle(out).quantization.size_after_bytes or 0
@@ -261,4 +261,4 @@ def test_tied_embedding_is_stored_once_quantized(
         logits = open_decoder(out / "model.onnx", manifest.decoder).all_logits(ids)
         assert np.isfinite(logits).all()
     plain_size = read_bundle(plain).quantization.size_after_bytes or 0
-    assert sizes["int4-shared"] < sizes["int4-emb8"] < plain_size
+    assert sizes["int4-rtn-shared"] < sizes["int4-rtn-emb8"] < plain_size

@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -23,21 +24,22 @@ from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, read_bundle, sha256_file
 from edge_slm.errors import EdgeSlmError
+from edge_slm.generation.fused_step import open_decoder
 from edge_slm.generation.perplexity import token_windows
-from edge_slm.generation.plain_step import DecoderModel
 from edge_slm_quantize import (
     METHODS,
     AlreadyQuantizedError,
     QuantizationError,
     UnknownMethodError,
     bundle_perplexity,
+    methods,
     quantize_bundle,
 )
 from edge_slm_quantize.cli import main
 from edge_slm_quantize.graph_passes import fold_weight_transposes, rewrite_gemms
 from edge_slm_quantize.weight_only import census
 
-METHOD_NAMES = ("int8", "int4")
+METHOD_NAMES = ("int8", "int4-rtn")
 # 2 layers x (GPT-2: c_attn, c_proj, c_fc, mlp c_proj; Llama/Qwen2: q, k, v, o, gate, up,
 # down) + the lm_head
 EXPECTED_QUANTIZED = {"gpt2": 9, "llama": 15, "qwen2": 15}
@@ -80,7 +82,7 @@ def _probe_ids(manifest: Manifest) -> np.ndarray:
 def _logits(bundle: Path, ids: np.ndarray, model_path: Path | None = None) -> np.ndarray:
     manifest = read_bundle(bundle, verify=False)
     assert manifest.decoder is not None
-    model = DecoderModel(model_path or bundle / "model.onnx", manifest.decoder)
+    model = open_decoder(model_path or bundle / "model.onnx", manifest.decoder)
     return model.all_logits(ids)  # [batch, seq, vocab]
 
 
@@ -96,7 +98,7 @@ def test_quantized_bundle_loads_and_records_what_happened(
     out = quantized[family, method]
     manifest = read_bundle(out)  # checksums verified
     assert manifest.decoder is not None
-    DecoderModel(out / "model.onnx", manifest.decoder)  # the graph loads and matches its I/O
+    open_decoder(out / "model.onnx", manifest.decoder)  # the graph loads and matches its I/O
     graph = onnx.load(str(out / "model.onnx"))
     counts = Counter(node.op_type for node in graph.graph.node)
     assert counts["MatMulNBits"] == EXPECTED_QUANTIZED[family]
@@ -224,8 +226,8 @@ def test_quantized_logits_stay_close_to_fp32(
         assert np.isfinite(logits).all()
         errors[method] = float(np.sqrt(np.mean((logits - reference) ** 2))) / scale
     assert errors["int8"] < 0.1, errors
-    assert errors["int4"] < 1.0, errors
-    assert errors["int8"] < errors["int4"], errors
+    assert errors["int4-rtn"] < 1.0, errors
+    assert errors["int8"] < errors["int4-rtn"], errors
     int8 = _logits(quantized[family, "int8"], ids)
     assert (int8.argmax(-1) == reference.argmax(-1)).mean() > 0.8
 
@@ -275,7 +277,7 @@ def test_token_windows_with_bos() -> None:
 
 
 def test_unknown_method_is_refused(bundles: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(UnknownMethodError, match=r"'int3'.*'gguf'.*'int4'.*'int8'") as info:
+    with pytest.raises(UnknownMethodError, match=r"'int3'.*'gguf'.*'int4-rtn'.*'int8'") as info:
         quantize_bundle(bundles["llama"], tmp_path / "out", "int3")
     assert isinstance(info.value, QuantizationError) and isinstance(info.value, EdgeSlmError)
     assert not (tmp_path / "out").exists()
@@ -285,7 +287,7 @@ def test_already_quantized_source_is_refused(
     quantized: dict[tuple[str, str], Path], tmp_path: Path
 ) -> None:
     with pytest.raises(AlreadyQuantizedError, match="already quantized"):
-        quantize_bundle(quantized["llama", "int8"], tmp_path / "again", "int4")
+        quantize_bundle(quantized["llama", "int8"], tmp_path / "again", "int4-rtn")
     assert not (tmp_path / "again").exists()
 
 
@@ -293,11 +295,11 @@ def test_bad_settings_and_output_folders_are_refused(
     bundles: dict[str, Path], tmp_path: Path
 ) -> None:
     with pytest.raises(QuantizationError, match="block_size must be a power of two"):
-        quantize_bundle(bundles["llama"], tmp_path / "a", "int4", block_size=24)
+        quantize_bundle(bundles["llama"], tmp_path / "a", "int4-rtn", block_size=24)
     with pytest.raises(QuantizationError, match="accuracy_level"):
-        quantize_bundle(bundles["llama"], tmp_path / "a", "int4", accuracy_level=7)
+        quantize_bundle(bundles["llama"], tmp_path / "a", "int4-rtn", accuracy_level=7)
     with pytest.raises(QuantizationError, match="outside the source bundle"):
-        quantize_bundle(bundles["llama"], bundles["llama"] / "int4", "int4")
+        quantize_bundle(bundles["llama"], bundles["llama"] / "int4", "int4-rtn")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
@@ -307,20 +309,27 @@ def test_bad_settings_and_output_folders_are_refused(
 
 
 def test_cli_quantizes_with_options(
-    bundles: dict[str, Path], eval_text: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bundles: dict[str, Path],
+    eval_text: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Also: the former name ``int4`` still works, warns, and is recorded as ``int4-rtn``."""
+    monkeypatch.setattr(methods, "_WARNED", set())
     out = tmp_path / "gpt2-int4-sym"
     (out / "stale").mkdir(parents=True)  # replaced thanks to --overwrite
     argv = [str(bundles["gpt2"]), str(out), "--method", "int4", "--eval-text", str(eval_text)]
     argv += ["--symmetric", "--block-size", "64", "--accuracy-level", "0", "--overwrite"]
-    assert main(argv) == 0
+    with pytest.warns(FutureWarning, match="'int4' is now called 'int4-rtn'"):
+        assert main(argv) == 0
     captured = capsys.readouterr()
     assert f"bundle: {out}" in captured.out
     assert "size: " in captured.out and "perplexity: " in captured.out
-    assert "quantizing model.onnx (int4)" in captured.err  # progress on stderr
+    assert "quantizing model.onnx (int4-rtn)" in captured.err  # progress on stderr
     q = json.loads((out / "manifest.json").read_text())["quantization"]
     assert (q["method"], q["bits"], q["block_size"], q["symmetric"], q["accuracy_level"]) == (
-        "int4",
+        "int4-rtn",
         4,
         64,
         True,
@@ -335,7 +344,7 @@ def test_cli_quantizes_with_options(
 def test_cli_reports_errors_on_stderr(
     quantized: dict[tuple[str, str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main([str(quantized["qwen2", "int4"]), str(tmp_path / "x"), "--method", "int8"])
+    code = main([str(quantized["qwen2", "int4-rtn"]), str(tmp_path / "x"), "--method", "int8"])
     assert code == 2
     captured = capsys.readouterr()
     assert "error:" in captured.err and "already quantized" in captured.err
@@ -356,3 +365,34 @@ def test_importing_the_quantizer_leaves_logging_alone() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     assert done.stdout.split() == ["0", str(30)]  # no handler, WARNING as Python starts
+
+
+def test_every_method_module_is_registered_by_name() -> None:
+    """quantize/methods/: one module per family, each method under its own name."""
+    import importlib
+    import pkgutil
+
+    names = []
+    for info in pkgutil.iter_modules(methods.__path__):
+        if info.name != "base":
+            module = importlib.import_module(f"edge_slm_quantize.methods.{info.name}")
+            names += [m.name for m in module.METHODS]
+    assert sorted(names) == sorted(methods.METHODS)
+    assert all(methods.get_method(n).name == n for n in names)
+    assert {"int4-rtn", "int4-search", "gguf", "gguf-head4", "int8"} <= set(names)
+
+
+def test_former_method_names_are_aliases_that_warn_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(methods, "_WARNED", set())
+    assert methods.ALIASES == {
+        "int4": "int4-rtn",
+        "int4-shared": "int4-rtn-shared",
+        "int4-emb8": "int4-rtn-emb8",
+    }
+    for old, new in methods.ALIASES.items():
+        assert old not in methods.METHODS
+        with pytest.warns(FutureWarning, match=f"'{old}' is now called '{new}'"):
+            assert methods.get_method(old) is methods.get_method(new)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert methods.get_method(old) is methods.get_method(new)  # once only

@@ -146,7 +146,7 @@ def test_int4_search_bundle_beats_round_to_nearest(
     source = fused_bundles[family]
 
     searched = quantize_bundle(source, tmp_path / "search", "int4-search")
-    rtn = quantize_bundle(source, tmp_path / "rtn", "int4-shared", symmetric=True)
+    rtn = quantize_bundle(source, tmp_path / "rtn", "int4-rtn-shared", symmetric=True)
     fp32 = {
         t.name: numpy_helper.to_array(t)
         for t in onnx.load(str(source / "model.onnx")).graph.initializer
