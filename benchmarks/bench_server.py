@@ -102,7 +102,8 @@ class Level:
     ttft_max_s: float
     short: list[int] = field(default_factory=list)  # token counts != max_tokens
     errors: list[str] = field(default_factory=list)
-    distinct_texts: int = 1
+    distinct_texts: int = 1  # greedy, same prompt: more than 1 means the batch changed numbers
+    counted_by: str = "usage"  # how the servers' answers gave their token counts
 
 
 @dataclass
@@ -258,6 +259,7 @@ def run_level(url: str, model: str, concurrency: int, max_tokens: int) -> Level:
         short=[c.tokens for c in clients if c.tokens != max_tokens],
         errors=[c.error for c in clients if c.error],
         distinct_texts=len({c.text for c in clients}),
+        counted_by="/".join(sorted({c.counted_by for c in clients})),
     )
 
 
@@ -340,6 +342,11 @@ def write_table(runs: list[Run], args: argparse.Namespace, loads: tuple[float, f
                 row += f" {_median(ratios):.2f} ({each}) |"
             bad = [lv for lv in levels if lv.short or lv.errors]
             check = "ok" if not bad else f"**{len(bad)} round(s) not {args.max_tokens} tokens**"
+            distinct = max(lv.distinct_texts for lv in levels)
+            if distinct > 1:
+                check += f"; {distinct} different answers"
+            if any("chunks" in lv.counted_by for lv in levels):
+                check += "; tokens counted as text chunks (no usage sent)"
             if bad:
                 flagged.append(f"{engine} c={c}")
             lines.append(row + f" {check} |")
