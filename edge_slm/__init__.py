@@ -9,46 +9,52 @@ Nothing here imports torch, transformers or the build stage (``export``, ``quant
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from edge_slm.bundle import Manifest, read_bundle
 from edge_slm.encoders.classify import Classification, TextClassifier
 from edge_slm.encoders.embed import CosineIndex, Hit, TextEmbedder
 from edge_slm.encoders.encoder import TruncationWarning
+from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import (
     BundleError,
     BundleVersionError,
+    BusyError,
+    CapacityError,
     ChatTemplateError,
     ChecksumError,
     ContextLengthError,
     EdgeSlmError,
     InvalidArgumentError,
 )
-from edge_slm.generation.model import (
-    Chunk,
-    GenerationOptions,
-    GenerationResult,
-    TextGenerator,
-    Timings,
-    TokenStep,
-)
+from edge_slm.generation.backends import Capacity
+from edge_slm.generation.conversation import Conversation
+from edge_slm.generation.model import TextGenerator
+from edge_slm.generation.options import GenerationOptions
+from edge_slm.generation.results import Chunk, GenerationResult, Timings, TokenStep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BundleError",
     "BundleVersionError",
+    "BusyError",
+    "Capacity",
+    "CapacityError",
     "ChatTemplateError",
     "ChecksumError",
     "Chunk",
     "Classification",
     "ContextLengthError",
+    "Conversation",
     "CosineIndex",
     "EdgeSlmError",
     "GenerationOptions",
     "GenerationResult",
     "Hit",
     "InvalidArgumentError",
+    "LoadOptions",
     "Manifest",
     "TextClassifier",
     "TextEmbedder",
@@ -67,11 +73,13 @@ def load(
     spinning: bool | None = None,
     verify: bool = True,
     cache: bool | str | Path | None = None,
+    options: LoadOptions | None = None,
 ) -> TextGenerator | TextClassifier | TextEmbedder:
     """Load a bundle folder and return the object for its task.
 
     A text-generation bundle gives a :class:`TextGenerator`, a text-classification
     bundle a :class:`TextClassifier`, a feature-extraction bundle a :class:`TextEmbedder`.
+    Each is safe to share between threads.
 
     Args:
         path: the bundle folder (``manifest.json``, ``model.onnx``, ``tokenizer.json``).
@@ -82,20 +90,33 @@ def load(
             load of the same bundle skips graph optimization and weight pre-packing.
             True: on, in the default folder; a path: on, in that folder; False: off;
             None: on unless ``EDGE_SLM_CACHE=0``.
+        options: all load settings in one object (:class:`LoadOptions`, which also sets
+            how many conversations a generator serves at once); the keyword arguments
+            above, when given, override its fields.
 
     Raises:
         BundleError: the folder is not a valid bundle (BundleVersionError for an
             unknown format version, ChecksumError for a modified or missing file).
+        InvalidArgumentError: a load setting is out of range.
     """
-    from edge_slm.engine import prepared_cache
-
+    settings = options or LoadOptions()
+    overrides: dict[str, object] = {}
+    if threads is not None:
+        overrides["threads"] = threads
+    if spinning is not None:
+        overrides["spinning"] = spinning
+    if verify is not True:
+        overrides["verify"] = verify
+    if cache is not None:
+        overrides["prepared_cache"] = cache
+    if overrides:
+        settings = replace(settings, **overrides)  # type: ignore[arg-type]
     folder = Path(path)
-    manifest = read_bundle(folder, verify=verify)
-    setting = prepared_cache.env_enabled() if cache is None else cache
+    manifest = read_bundle(folder, verify=settings.verify)
     if manifest.task == "text-generation":
-        return TextGenerator(folder, manifest, threads=threads, spinning=spinning, cache=setting)
+        return TextGenerator(folder, manifest, settings)
     if manifest.task == "text-classification":
-        return TextClassifier(folder, manifest, threads=threads, spinning=spinning, cache=setting)
+        return TextClassifier(folder, manifest, settings)
     if manifest.task == "feature-extraction":
-        return TextEmbedder(folder, manifest, threads=threads, spinning=spinning, cache=setting)
+        return TextEmbedder(folder, manifest, settings)
     raise BundleError(f"bundle task {manifest.task!r} is not supported by this runtime yet")

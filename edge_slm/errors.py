@@ -33,3 +33,20 @@ class ContextLengthError(InvalidArgumentError):
 
 class ChatTemplateError(EdgeSlmError):
     """A chat template cannot be rendered with what this runtime has."""
+
+
+class CapacityError(EdgeSlmError):
+    """A model has no room for another generating conversation or its KV memory.
+
+    Raised when ``max_sessions`` conversations are generating at once (after waiting
+    ``wait_s``), or when the KV memory would pass ``max_kv_bytes``
+    (:class:`~edge_slm.engine.session.LoadOptions`). Nothing is lost: retry later.
+    """
+
+
+class BusyError(InvalidArgumentError):
+    """A conversation was asked to generate while its previous call is still running.
+
+    One conversation serves one call at a time (finish or close its stream first);
+    separate conversations, or the model's own calls, may run at once.
+    """

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from edge_slm.bundle import DecoderIO, Validation
+from edge_slm.generation.backends import greedy_continuation
 from edge_slm.generation.fused_step import open_decoder
 from edge_slm_export.errors import ValidationError
 
@@ -52,12 +53,7 @@ def validate_decoder(
                 token = int(torch_model(sequence).logits[0, -1].argmax())
                 reference.append(token)
                 sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
-        logits, cache = onnx_model.forward(ids, onnx_model.empty_cache(1))
-        ours: list[int] = []
-        for _ in range(greedy_tokens):
-            token = int(np.argmax(logits[0]))
-            ours.append(token)
-            logits, cache = onnx_model.forward(np.asarray([[token]], dtype=np.int64), cache)
+        ours = greedy_continuation(onnx_model, ids[0].tolist(), greedy_tokens)
         greedy_match = greedy_match and ours == reference
     if worst > tolerance:
         raise ValidationError(

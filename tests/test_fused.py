@@ -19,7 +19,9 @@ import pytest
 
 import edge_slm
 from edge_slm.bundle import Quantization, read_bundle, write_manifest
-from edge_slm.generation.fused_step import FusedDecoderModel, FusedKVCache
+from edge_slm.generation import kv_pool
+from edge_slm.generation.fused_step import FusedDecoder
+from edge_slm.generation.kv_slots import KVState
 
 FUSED_FAMILIES = ("llama", "qwen2", "gpt2")
 PROMPTS = [
@@ -62,7 +64,7 @@ def test_manifest_records_the_fused_layout(fused_bundles: dict[str, Path]) -> No
         assert manifest.decoder.position_ids is None
         assert manifest.validation is not None and manifest.validation.greedy_tokens_match
         assert manifest.validation.max_abs_logit_diff < 1e-4, family
-        assert isinstance(edge_slm.load(path).model, FusedDecoderModel)
+        assert isinstance(edge_slm.load(path).decoder, FusedDecoder)
 
 
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
@@ -84,8 +86,11 @@ def test_greedy_matches_transformers_token_for_token(
 def test_prefix_reuse_gives_the_fresh_result(fused_bundles: dict[str, Path], family: str) -> None:
     model = edge_slm.load(fused_bundles[family])
     system = "You are a kiosk assistant at the central station. Answer briefly. "
-    model.generate(system + "Where is platform 4?", max_new_tokens=8, temperature=0.0)
-    reused = model.generate(system + "Where are the toilets?", max_new_tokens=8, temperature=0.0)
+    with model.conversation() as conversation:
+        conversation.generate(system + "Where is platform 4?", max_new_tokens=8, temperature=0.0)
+        reused = conversation.generate(
+            system + "Where are the toilets?", max_new_tokens=8, temperature=0.0
+        )
     assert reused.timings.reused_prompt_tokens > 5
     fresh = edge_slm.load(fused_bundles[family]).generate(
         system + "Where are the toilets?", max_new_tokens=8, temperature=0.0
@@ -100,31 +105,35 @@ def test_scoring_logits_match_torch(
 ) -> None:
     import torch
 
-    model = edge_slm.load(fused_bundles[family]).model
+    generator = edge_slm.load(fused_bundles[family])
     ids = np.asarray([[5, 17, 33, 90, 120, 7, 8, 41]], dtype=np.int64)
     with torch.no_grad():
         expected = torch_models[family](torch.from_numpy(ids)).logits.numpy()
-    np.testing.assert_allclose(model.all_logits(ids), expected, atol=1e-4)
-    # Prefix in the cache, then several positions at once (the generator's option scoring).
-    _, cache = model.forward(ids[:, :3], model.empty_cache(1))
-    logits, cache = model.forward(ids[:, 3:], cache, all_positions=True)
-    np.testing.assert_allclose(logits, expected[:, 3:], atol=1e-4)
-    assert cache.length == ids.shape[1]
+    np.testing.assert_allclose(generator.decoder.all_logits(ids), expected, atol=1e-4)
+    # Prefix in the KV state, then several positions at once (the generator's option scoring).
+    backend, state = generator.backend, KVState()
+    backend.begin(state)
+    backend.extend(state, ids[0, :3].tolist())
+    logits = backend.extend(state, ids[0, 3:].tolist(), all_positions=True)
+    np.testing.assert_allclose(logits, expected[0, 3:], atol=1e-4)
+    assert state.tokens == ids[0].tolist()
+    backend.finish(state)
+    backend.release(state)
 
 
 def test_buffers_grow_without_changing_the_result(
     fused_bundles: dict[str, Path], torch_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edge_slm.generation.fused_step as fused
-
-    monkeypatch.setattr(fused, "_MIN_CAPACITY", 4)
-    monkeypatch.setattr(fused, "_CAPACITY_STEP", 4)
+    monkeypatch.setattr(kv_pool, "MIN_CAPACITY", 4)
+    monkeypatch.setattr(kv_pool, "CAPACITY_STEP", 4)
     model = edge_slm.load(fused_bundles["qwen2"])
-    result = model.generate("Once upon a time", max_new_tokens=30, temperature=0.0)
+    with model.conversation() as conversation:
+        result = conversation.generate("Once upon a time", max_new_tokens=30, temperature=0.0)
+        pool = model.backend.pool
+        length = len(conversation.cached_tokens)
+        assert length <= pool.capacity < 2 * length + 4
     assert result.token_ids == _greedy(torch_models["qwen2"], result.prompt_token_ids, 30)
-    cache = model._cache
-    assert isinstance(cache, FusedKVCache)
-    assert cache.length <= cache.capacity < 2 * cache.length + 4
+    assert pool.nbytes == 0  # the last conversation closed: the pool is freed
 
 
 def test_fused_graph_has_far_fewer_nodes(
@@ -168,11 +177,11 @@ def test_int4_weight_only_loads_and_generates_on_the_fused_graph(
 
     # The same weights quantized the same way: the fused graph computes what optimum's does.
     fused, plain = edge_slm.load(tmp_path / "fused-int4"), edge_slm.load(tmp_path / "optimum-int4")
-    assert isinstance(fused.model, FusedDecoderModel)
+    assert isinstance(fused.decoder, FusedDecoder)
     for prompt in PROMPTS[:2]:
         ids = np.asarray([fused.encode(prompt)], dtype=np.int64)
         np.testing.assert_allclose(
-            fused.model.all_logits(ids), plain.model.all_logits(ids), atol=1e-3
+            fused.decoder.all_logits(ids), plain.decoder.all_logits(ids), atol=1e-3
         )
         ours = fused.generate(prompt, max_new_tokens=12, temperature=0.0)
         assert (

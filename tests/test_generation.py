@@ -113,8 +113,11 @@ def test_prefix_reuse_gives_the_fresh_result(
 ) -> None:
     model = generators["llama"]
     system = "You are a kiosk assistant at the central station. Answer briefly. "
-    model.generate(system + "Where is platform 4?", max_new_tokens=8, temperature=0.0)
-    reused = model.generate(system + "Where are the toilets?", max_new_tokens=8, temperature=0.0)
+    with model.conversation() as conversation:
+        conversation.generate(system + "Where is platform 4?", max_new_tokens=8, temperature=0.0)
+        reused = conversation.generate(
+            system + "Where are the toilets?", max_new_tokens=8, temperature=0.0
+        )
     assert reused.timings.reused_prompt_tokens > 5
     fresh_model = edge_slm.load(bundles["llama"])
     fresh = fresh_model.generate(

@@ -142,12 +142,13 @@ def test_multi_turn_chat_reuses_earlier_turns(
         {"role": "system", "content": "You are a kiosk assistant at the central station."},
         {"role": "user", "content": "Where is platform 4?"},
     ]
-    first = model.chat(messages, max_new_tokens=8, temperature=0.0)
+    conversation = model.conversation()
+    first = conversation.chat(messages, max_new_tokens=8, temperature=0.0)
     messages += [
         {"role": "assistant", "content": first.text},
         {"role": "user", "content": "And the toilets?"},
     ]
-    second = model.chat(messages, max_new_tokens=8, temperature=0.0)
+    second = conversation.chat(messages, max_new_tokens=8, temperature=0.0)
     assert second.timings.reused_prompt_tokens >= len(first.prompt_token_ids) - 1
     fresh = edge_slm.load(layout_bundles["qwen2"]).chat(messages, max_new_tokens=8, temperature=0.0)
     assert fresh.timings.reused_prompt_tokens == 0

@@ -60,12 +60,12 @@ def test_second_load_hits_with_identical_logits_and_tokens(
     assert isinstance(cold, edge_slm.TextGenerator)
     assert isinstance(first, edge_slm.TextGenerator)
     assert isinstance(second, edge_slm.TextGenerator)
-    assert cold.model.session_source == "prepared-session cache off"
-    assert first.model.session_source.startswith("prepared-session cache built")
-    assert second.model.session_source == "prepared-session cache hit"
-    expected = cold.model.all_logits(IDS)
-    assert np.array_equal(first.model.all_logits(IDS), expected)
-    assert np.array_equal(second.model.all_logits(IDS), expected)  # bit-identical
+    assert cold.decoder.session_source == "prepared-session cache off"
+    assert first.decoder.session_source.startswith("prepared-session cache built")
+    assert second.decoder.session_source == "prepared-session cache hit"
+    expected = cold.decoder.all_logits(IDS)
+    assert np.array_equal(first.decoder.all_logits(IDS), expected)
+    assert np.array_equal(second.decoder.all_logits(IDS), expected)  # bit-identical
     tokens = cold.generate(PROMPT, max_new_tokens=12, temperature=0.0).token_ids
     assert second.generate(PROMPT, max_new_tokens=12, temperature=0.0).token_ids == tokens
     (entry,) = _entries(tmp_path)
@@ -205,15 +205,15 @@ def test_environment_switches(fused: Path, tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv(CACHE_ENV, "0")
     model = edge_slm.load(fused)
     assert isinstance(model, edge_slm.TextGenerator)
-    assert model.model.session_source == "prepared-session cache off"
+    assert model.decoder.session_source == "prepared-session cache off"
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
     forced = edge_slm.load(fused, cache=True)  # an explicit argument beats the variable
     assert isinstance(forced, edge_slm.TextGenerator)
-    assert forced.model.session_source.startswith("prepared-session cache built")
+    assert forced.decoder.session_source.startswith("prepared-session cache built")
     monkeypatch.delenv(CACHE_ENV)
     again = edge_slm.load(fused)
     assert isinstance(again, edge_slm.TextGenerator)
-    assert again.model.session_source == "prepared-session cache hit"
+    assert again.decoder.session_source == "prepared-session cache hit"
     # Build tools that open a graph directly get no cache unless they ask for one.
     manifest, _ = read_manifest(fused)
     assert manifest.decoder is not None

@@ -15,7 +15,7 @@ import pytest
 
 import edge_slm
 from edge_slm.bundle import read_bundle
-from edge_slm.generation.fused_step import FusedDecoderModel, open_decoder
+from edge_slm.generation.fused_step import FusedDecoder, open_decoder
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_fused_greedy_matches_transformers(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False
         )
     runtime = edge_slm.load(fused)
-    assert isinstance(runtime.model, FusedDecoderModel)
+    assert isinstance(runtime.decoder, FusedDecoder)
     ours = runtime.chat(messages, max_new_tokens=40, temperature=0.0)
     assert ours.prompt_token_ids == ids[0].tolist()
     assert ours.token_ids == out[0, ids.shape[1] :].tolist()

@@ -35,7 +35,7 @@ from edge_slm.encoders.encoder import (
     check_text,
     check_truncation,
 )
-from edge_slm.engine.prepared_cache import CacheSetting
+from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import BundleError, InvalidArgumentError
 
 DEFAULT_BATCH_SIZE = 32
@@ -117,9 +117,7 @@ class TextClassifier:
         self,
         folder: Path,
         manifest: Manifest,
-        threads: int | None = None,
-        spinning: bool | None = None,
-        cache: CacheSetting = None,
+        options: LoadOptions | None = None,
     ) -> None:
         if manifest.task != "text-classification" or not manifest.labels:
             raise BundleError(
@@ -128,7 +126,7 @@ class TextClassifier:
             )
         self.manifest = manifest
         self.labels: tuple[str, ...] = tuple(manifest.labels)
-        self.model = EncoderModel(folder, manifest, threads, spinning, cache=cache)
+        self.model = EncoderModel(folder, manifest, options)
         assert manifest.encoder is not None
         self.multi_label = manifest.encoder.problem_type == "multi_label_classification"
 

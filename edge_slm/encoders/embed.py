@@ -31,7 +31,7 @@ from edge_slm.encoders.encoder import (
     check_positive,
     check_truncation,
 )
-from edge_slm.engine.prepared_cache import CacheSetting
+from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import BundleError, InvalidArgumentError
 
 DEFAULT_BATCH_SIZE = 32
@@ -44,16 +44,14 @@ class TextEmbedder:
         self,
         folder: Path,
         manifest: Manifest,
-        threads: int | None = None,
-        spinning: bool | None = None,
-        cache: CacheSetting = None,
+        options: LoadOptions | None = None,
     ) -> None:
         if manifest.task != "feature-extraction":
             raise BundleError(
                 f"TextEmbedder needs a feature-extraction bundle, got {manifest.task!r}"
             )
         self.manifest = manifest
-        self.model = EncoderModel(folder, manifest, threads, spinning, cache=cache)
+        self.model = EncoderModel(folder, manifest, options)
         assert manifest.encoder is not None
         self.normalized = manifest.encoder.normalize
         self.dimension = manifest.encoder.hidden_size

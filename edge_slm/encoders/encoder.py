@@ -25,8 +25,7 @@ import numpy.typing as npt
 from tokenizers import Encoding, Tokenizer
 
 from edge_slm.bundle import EncoderIO, Manifest
-from edge_slm.engine.prepared_cache import CacheSetting
-from edge_slm.engine.session import create_session
+from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
 
 TextInput = str | tuple[str, str]
@@ -100,9 +99,7 @@ class EncoderModel:
         self,
         folder: Path,
         manifest: Manifest,
-        threads: int | None = None,
-        spinning: bool | None = None,
-        cache: CacheSetting = None,
+        options: LoadOptions | None = None,
     ) -> None:
         if manifest.encoder is None:
             raise BundleError(f"a {manifest.task} bundle needs an 'encoder' section")
@@ -111,9 +108,7 @@ class EncoderModel:
         self.max_length = manifest.context_length
         # The tokenizer before the session: lower peak RSS (see TextGenerator).
         self.tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
-        self.session = create_session(
-            folder / manifest.files["model"], threads, spinning, cache=cache
-        )
+        self.session = (options or LoadOptions()).open(folder / manifest.files["model"]).session
         self._check_graph()
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()

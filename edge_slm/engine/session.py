@@ -202,3 +202,77 @@ def create_session(
     return open_session(
         model_path, threads, spinning, cache=cache, model_sha256=model_sha256
     ).session
+
+
+MAX_THREADS = 256
+"""More intra-op threads than this is a mistake, not a setting (onnxruntime would hang)."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a bundle is loaded and how many conversations its model may serve.
+
+    Attributes:
+        threads: onnxruntime intra-op threads (1 to 256); None: every usable CPU, or
+            ``EDGE_SLM_THREADS``.
+        spinning: let idle onnxruntime threads spin; None: onnxruntime's default unless
+            the CPU is already fully loaded (see :func:`session_defaults`).
+        verify: check every file's sha256 against the manifest before loading.
+        prepared_cache: the prepared-session cache (:mod:`edge_slm.engine.prepared_cache`):
+            True: on, in the default folder; a path: on, in that folder; False: off;
+            None: on unless ``EDGE_SLM_CACHE=0``.
+        max_sessions: how many conversations may hold KV memory at once (text
+            generation). An idle conversation's KV is dropped (least recently used first)
+            when a new one needs room; a call that finds every slot generating waits
+            ``wait_s`` and then raises :class:`~edge_slm.errors.CapacityError`.
+        max_kv_bytes: a limit on the KV memory of all conversations together; None: no
+            limit beyond ``max_sessions`` x the context length.
+        wait_s: how long a call waits for a free conversation slot (0: fail at once).
+        batch_window_s: how long a decode step may wait for the steps of conversations
+            on other threads, so they share one forward (fused graphs).
+    """
+
+    threads: int | None = None
+    spinning: bool | None = None
+    verify: bool = True
+    prepared_cache: bool | str | Path | None = None
+    max_sessions: int = 8
+    max_kv_bytes: int | None = None
+    wait_s: float = 0.0
+    batch_window_s: float = 0.002
+
+    def __post_init__(self) -> None:
+        def whole(name: str, value: object, low: int, high: int | None = None) -> None:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            if not ok or value < low or (high is not None and value > high):  # type: ignore[operator]
+                allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise InvalidArgumentError(f"{name} must be an integer {allowed}, got {value!r}")
+
+        def seconds(name: str, value: object, high: float) -> None:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not 0 <= value <= high:  # type: ignore[operator]
+                raise InvalidArgumentError(f"{name} must be a number in [0, {high}], got {value!r}")
+
+        if self.threads is not None:
+            whole("threads", self.threads, 1, MAX_THREADS)
+        if self.spinning is not None and not isinstance(self.spinning, bool):
+            raise InvalidArgumentError(
+                f"spinning must be True, False or None, got {self.spinning!r}"
+            )
+        if not isinstance(self.verify, bool):
+            raise InvalidArgumentError(f"verify must be True or False, got {self.verify!r}")
+        whole("max_sessions", self.max_sessions, 1, 4096)
+        if self.max_kv_bytes is not None:
+            whole("max_kv_bytes", self.max_kv_bytes, 1)
+        seconds("wait_s", self.wait_s, 3600.0)
+        seconds("batch_window_s", self.batch_window_s, 1.0)
+
+    def open(self, model_path: Path) -> CachedSession:
+        """The onnxruntime session of ``model_path`` with these threads, spinning and cache."""
+        return open_session(model_path, self.threads, self.spinning, cache=self.cache_setting())
+
+    def cache_setting(self) -> CacheSetting:
+        """The prepared-cache setting with None resolved from ``EDGE_SLM_CACHE``."""
+        if self.prepared_cache is None:
+            return prepared_cache.env_enabled()
+        return self.prepared_cache

@@ -6,7 +6,7 @@ manifest when quantizing, and ``edge-slm perplexity BUNDLE TEXT`` measures it on
 The text is tokenized with the bundle's ``tokenizer.json``, cut to ``max_tokens`` and
 split into non-overlapping windows of ``window`` tokens (at most the context length).
 Within a window each token after the first is predicted from the ones before it (from
-an empty cache, :meth:`edge_slm.decoder.DecoderModel.all_logits`); when the model
+an empty cache, :meth:`~edge_slm.generation.plain_step.PlainDecoder.all_logits`); when the model
 expects a BOS token it is put in front of every window, so every text token is
 predicted. Perplexity is ``exp`` of the mean negative log-likelihood over all predicted
 tokens. Windows are scored one at a time, so memory stays at one window's logits.
@@ -24,8 +24,7 @@ from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, read_manifest
 from edge_slm.errors import InvalidArgumentError
-from edge_slm.generation.fused_step import open_decoder
-from edge_slm.generation.plain_step import DecoderModel
+from edge_slm.generation.fused_step import Decoder, open_decoder
 
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_TOKENS = 4096
@@ -97,7 +96,7 @@ def _window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
 
 
 def perplexity(
-    model: DecoderModel,
+    model: Decoder,
     ids: Sequence[int],
     *,
     window: int = DEFAULT_WINDOW,

@@ -1,24 +1,19 @@
-"""One forward step of a decoder graph with a KV cache, bound by name.
+"""One forward step of a plain (optimum-layout) decoder graph, bound by name.
 
-:class:`DecoderModel` wraps the onnxruntime session of a text-generation bundle. It
-checks at load time that the graph has every input and output the manifest names
-(so a mismatched bundle fails early, not mid-generation), and runs prefill and decode
-steps through :meth:`DecoderModel.forward`. :class:`KVCache` holds the past keys and
-values together with the tokens they encode, so a later prompt that shares a prefix
-can reuse them.
+The graph takes the past keys and values as inputs and returns the presents as new
+arrays, so every conversation's KV arrays are its own and any number of threads may
+run steps at once (onnxruntime's ``run`` is thread-safe). Rows may be left-padded
+(``attention_mask`` zeros), which :mod:`edge_slm.generation.batch` uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from edge_slm.bundle import DecoderIO
-from edge_slm.engine.prepared_cache import CacheSetting
-from edge_slm.engine.session import open_session
 from edge_slm.errors import BundleError
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -42,6 +37,11 @@ class KVCache:
         """Number of positions cached."""
         return int(self.tokens.shape[1])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the valid keys and values."""
+        return sum(int(a.nbytes) for a in self.keys + self.values)
+
     def truncated(self, length: int) -> KVCache:
         """The cache of the first ``length`` positions (views, no copy)."""
         return KVCache(
@@ -52,25 +52,16 @@ class KVCache:
         )
 
 
-class DecoderModel:
-    """A decoder-only ONNX graph driven step by step with a KV cache."""
+class PlainDecoder:
+    """A decoder-only ONNX graph in optimum's layout, run step by step; stateless."""
 
     supports_padding = True
     """Whether rows of a batch may be left-padded (``attention_mask`` with zeros)."""
 
-    def __init__(
-        self,
-        model_path: Path,
-        io: DecoderIO,
-        threads: int | None = None,
-        spinning: bool | None = None,
-        *,
-        cache: CacheSetting = None,
-    ) -> None:
+    def __init__(self, session: ort.InferenceSession, io: DecoderIO, source: str = "") -> None:
         self.io = io
-        opened = open_session(model_path, threads, spinning, cache=cache)
-        self.session: ort.InferenceSession = opened.session
-        self.session_source = opened.detail
+        self.session = session
+        self.session_source = source
         """Where the session came from (prepared-session cache hit, built, off)."""
         self._past = io.past_names()
         self._present = io.present_names()
@@ -105,6 +96,12 @@ class DecoderModel:
             raise BundleError(f"unsupported KV-cache element type {past.type}")
         return dtype
 
+    @property
+    def bytes_per_position(self) -> int:
+        """KV bytes one position of one row takes (keys and values of every layer)."""
+        io = self.io
+        return 2 * io.num_layers * io.num_kv_heads * io.head_dim * np.dtype(self.kv_dtype).itemsize
+
     def empty_cache(self, batch: int) -> KVCache:
         """A cache of length 0 for ``batch`` rows (what prefill starts from)."""
         shape = (batch, self.io.num_kv_heads, 0, self.io.head_dim)
@@ -120,7 +117,7 @@ class DecoderModel:
         self, keys: list[np.ndarray], values: list[np.ndarray], tokens: np.ndarray
     ) -> KVCache:
         """A cache over saved arrays ``[1, kv_heads, length, head_dim]`` (a prefix cache)."""
-        return KVCache(keys, values, tokens, np.ones_like(tokens))
+        return KVCache(list(keys), list(values), tokens, np.ones_like(tokens))
 
     def forward(
         self,
@@ -130,6 +127,8 @@ class DecoderModel:
         all_positions: bool = False,
     ) -> tuple[np.ndarray, KVCache]:
         """Run ``input_ids`` after ``cache``; returns (logits, the cache extended by them).
+
+        ``cache`` is not modified: the result is a new cache over new arrays.
 
         Args:
             input_ids: ``[batch, seq]`` int64 new tokens.
@@ -169,10 +168,7 @@ class DecoderModel:
     def all_logits(
         self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None
     ) -> np.ndarray:
-        """Logits of every position ``[batch, seq, vocab]`` from an empty cache.
-
-        Used for scoring (perplexity, constrained choice), not for generation.
-        """
+        """Logits of every position ``[batch, seq, vocab]`` from an empty cache (scoring)."""
         cache = self.empty_cache(input_ids.shape[0])
         logits, _ = self.forward(input_ids, cache, attention_mask, all_positions=True)
         return logits

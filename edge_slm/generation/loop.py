@@ -1,0 +1,113 @@
+"""The token loop: prompt ids in, sampled :class:`TokenStep` out (layer 1).
+
+:func:`generate_step` is the one loop every call goes through (after mlx-lm's
+``generate_step``): its state is passed in (the backend, the conversation's KV state,
+the resolved :class:`DecodeConfig`), nothing is kept on a model. It computes what the
+KV state does not already hold of the prompt, then samples, stops and decodes one
+token at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from edge_slm.errors import ContextLengthError, InvalidArgumentError
+from edge_slm.generation.backends import Backend
+from edge_slm.generation.kv_slots import KVState
+from edge_slm.generation.options import DecodeConfig
+from edge_slm.generation.results import RunStats, TokenStep
+from edge_slm.generation.sampling import top_logprobs
+from edge_slm.text.stops import Deadline, FinishReason
+
+
+def fit_context(
+    prompt_ids: list[int],
+    config: DecodeConfig,
+    context_length: int,
+    bos_token_id: int | None,
+) -> tuple[list[int], int]:
+    """Check the prompt fits; returns (prompt ids, max new tokens clamped to the room left).
+
+    With ``truncate_prompt`` the oldest tokens are dropped (a leading BOS is kept) so
+    that at least one new token fits; otherwise a long prompt raises.
+    """
+    wanted = config.max_new_tokens
+    if not prompt_ids:
+        raise InvalidArgumentError("the prompt is empty (it encodes to no tokens)")
+    if len(prompt_ids) >= context_length:
+        if not config.options.truncate_prompt:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds "
+                f"{context_length} (including the tokens to generate); shorten it or pass "
+                "truncate_prompt=True"
+            )
+        keep = max(1, context_length - min(wanted, context_length // 2))
+        head = [prompt_ids[0]] if bos_token_id is not None and prompt_ids[0] == bos_token_id else []
+        prompt_ids = head + prompt_ids[len(prompt_ids) - (keep - len(head)) :]
+    return prompt_ids, min(wanted, context_length - len(prompt_ids))
+
+
+class SamplingState:
+    """One sequence's sampling state: history, generated tokens, RNG, limits."""
+
+    def __init__(self, config: DecodeConfig, prompt_ids: Sequence[int], budget: int) -> None:
+        self.config = config
+        self.budget = budget
+        self.history = list(prompt_ids)
+        self.generated: list[int] = []
+        self.rng = np.random.default_rng(config.options.seed)
+        self.deadline: Deadline = config.deadline()
+
+    def sample(self, logits: np.ndarray) -> TokenStep:
+        """Process ``logits`` ``[vocab]``, draw a token and say whether the sequence ends."""
+        config = self.config
+        row = logits
+        if config.processors:
+            history = np.asarray(self.history, dtype=np.int64)
+            generated = np.asarray(self.generated, dtype=np.int64)
+            for process in config.processors:
+                row = process(history, generated, row)
+        token = config.sampler(row, self.rng)
+        logprob, alternatives = top_logprobs(row, token, config.logprobs)
+        self.generated.append(token)
+        self.history.append(token)
+        reason: FinishReason | None = None
+        if token in config.stop_ids:
+            reason = FinishReason.STOP_TOKEN
+        elif len(self.generated) >= self.budget:
+            reason = FinishReason.LENGTH
+        elif self.deadline.expired():
+            reason = FinishReason.DEADLINE
+        return TokenStep(token, logprob, alternatives, reason)
+
+
+def generate_step(
+    backend: Backend,
+    state: KVState,
+    prompt_ids: list[int],
+    budget: int,
+    config: DecodeConfig,
+    stats: RunStats,
+) -> Iterator[TokenStep]:
+    """Yield generated tokens one by one; the last one carries the finish reason.
+
+    ``state`` must already hold a slot (``backend.begin``) and may hold a prefix of
+    ``prompt_ids`` (the caller truncated it to what it shares with the prompt): only
+    the rest of the prompt is computed. When the loop ends, ``state`` holds every
+    token but the last sampled one, so a later prompt can reuse it.
+    """
+    sampling = SamplingState(config, prompt_ids, budget)
+    stats.prompt_ids = prompt_ids
+    stats.reused_prompt_tokens = len(state.tokens)
+    logits = backend.extend(state, prompt_ids[len(state.tokens) :])[-1]
+    while True:
+        step = sampling.sample(logits)
+        if stats.first_token_at is None:
+            stats.first_token_at = time.perf_counter()
+        yield step
+        if step.finish_reason is not None:
+            return
+        logits = backend.step(state, step.token_id)
