@@ -735,3 +735,39 @@ def test_serve_command_refuses_a_missing_bundle(tmp_path: Path) -> None:
     )
     assert done.returncode == 2 and "not a bundle folder" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_runtime_errors_map_to_statuses() -> None:
+    from edge_slm.errors import CapacityError, ContextLengthError, InvalidArgumentError
+    from edge_slm.server.errors import from_runtime_error
+
+    busy = from_runtime_error(CapacityError("all 8 conversations are generating"))
+    assert (busy.status, busy.headers["Retry-After"], busy.code) == (503, "1", "capacity_exceeded")
+    assert from_runtime_error(ContextLengthError("long")).code == "context_length_exceeded"
+    assert from_runtime_error(InvalidArgumentError("bad")).status == 400
+
+
+def test_shutdown_ends_a_running_stream(generators: dict[str, Any]) -> None:
+    model = generators[FAMILY]
+    server = RunningServer(
+        ServerConfig(port=0, quiet=True), [("slow", SlowGenerator(model, 0.02))]
+    ).start()
+    assert server.wait_ready(30)
+    payload = {
+        "messages": MESSAGES,
+        "max_tokens": 100,
+        "stream": True,
+        "logit_bias": eos_ban(model),
+    }
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=payload, timeout=30
+    ) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        stopping = threading.Thread(target=server.stop)
+        stopping.start()
+        rest = [line for line in lines if line]
+    stopping.join(30)
+    assert not stopping.is_alive()
+    assert json.loads(rest[-1][len("data: ") :])["error"]["code"] == "shutting_down"
+    assert server.app.admission.live == 0

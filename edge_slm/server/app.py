@@ -123,6 +123,38 @@ class App:
             out.append(
                 ("edge_slm_kv_cache_bytes", "KV cache memory in use.", labels, capacity.kv_bytes)
             )
+            out.append(
+                (
+                    "edge_slm_sessions_generating",
+                    "Conversations in a generation call right now.",
+                    labels,
+                    capacity.generating,
+                )
+            )
+            out.append(
+                (
+                    "edge_slm_sessions_waiting",
+                    "Calls waiting in the runtime for a free conversation slot.",
+                    labels,
+                    capacity.waiting,
+                )
+            )
+            out.append(
+                (
+                    "edge_slm_batched_forwards",
+                    "Forwards run by the runtime's step scheduler (monotonic).",
+                    labels,
+                    capacity.batches,
+                )
+            )
+            out.append(
+                (
+                    "edge_slm_batched_decode_steps",
+                    "Decode steps those forwards carried (divided by forwards: mean batch).",
+                    labels,
+                    capacity.batched_steps,
+                )
+            )
             if capacity.max_sessions is not None:
                 out.append(
                     (

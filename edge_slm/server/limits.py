@@ -25,6 +25,11 @@ class Capacity:
     max_sessions: int | None
     kv_bytes: int
     max_kv_bytes: int | None
+    generating: int = 0
+    waiting: int = 0
+    batches: int = 0
+    """Forwards the runtime's step scheduler ran (its batched decode steps / this = mean batch)."""
+    batched_steps: int = 0
 
 
 def model_capacity(model: Any) -> Capacity | None:
@@ -39,6 +44,10 @@ def model_capacity(model: Any) -> Capacity | None:
         max_sessions=None if info.max_sessions is None else int(info.max_sessions),
         kv_bytes=int(info.kv_bytes),
         max_kv_bytes=None if info.max_kv_bytes is None else int(info.max_kv_bytes),
+        generating=int(getattr(info, "generating", 0)),
+        waiting=int(getattr(info, "waiting", 0)),
+        batches=int(getattr(info, "batches", 0)),
+        batched_steps=int(getattr(info, "batched_steps", 0)),
     )
 
 
