@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_slm.errors import ContextLengthError, EdgeSlmError, InvalidArgumentError
-
-try:  # the runtime's "all conversations busy" error (model/conversation split)
-    from edge_slm.errors import CapacityError as _CapacityError
-except ImportError:  # pragma: no cover - older runtime without max_sessions
-    _CapacityError = None  # type: ignore[assignment,misc]
+from edge_slm.errors import (
+    CapacityError,
+    ContextLengthError,
+    EdgeSlmError,
+    InvalidArgumentError,
+)
 
 RETRY_AFTER_S = 1
 """What ``Retry-After`` says when the server is busy or still loading (seconds)."""
@@ -66,7 +66,7 @@ def busy(message: str, status: int = 503, code: str = "server_busy") -> ApiError
 
 def from_runtime_error(exc: EdgeSlmError) -> ApiError:
     """Map a runtime error to its answer: capacity -> 503, bad input -> 400."""
-    if _CapacityError is not None and isinstance(exc, _CapacityError):
+    if isinstance(exc, CapacityError):  # the model's max_sessions all generating
         return busy(str(exc), 503, "capacity_exceeded")
     if isinstance(exc, ContextLengthError):
         return bad_request(str(exc), code="context_length_exceeded")
