@@ -214,11 +214,15 @@
   }
 
   async function embed(texts) {
-    const body = { input: texts };
-    if (config.embedding_model) body.model = config.embedding_model;
-    const res = await post("/v1/embeddings", body);
-    const data = await res.json();
-    return data.data.sort((a, b) => a.index - b.index).map((d) => unit(d.embedding));
+    const vectors = [];
+    for (let i = 0; i < texts.length; i += 256) { // the server takes 256 inputs a request
+      const body = { input: texts.slice(i, i + 256) };
+      if (config.embedding_model) body.model = config.embedding_model;
+      const res = await post("/v1/embeddings", body);
+      const data = (await res.json()).data.sort((a, b) => a.index - b.index);
+      vectors.push(...data.map((d) => unit(d.embedding)));
+    }
+    return vectors;
   }
 
   async function prepareFaq() {
