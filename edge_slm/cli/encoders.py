@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge_slm.cli.progress import Progress
+from edge_slm.cli.progress import Progress, is_terminal
 from edge_slm.encoders.classify import TextClassifier
 from edge_slm.encoders.embed import TextEmbedder
 from edge_slm.encoders.encoder import TRUNCATION_MODES
@@ -130,7 +130,11 @@ def run_encoder_command(args: argparse.Namespace) -> int:
         )
     show = args.input is not None and not args.no_progress
     verb = "classifying" if args.command == "classify" else "embedding"
-    progress = Progress(label=verb, unit="texts") if show else None
+    progress = None
+    if show:
+        # On a terminal, a first quick pass over the file gives the bar its total.
+        total = sum(1 for _ in read_records(args.input)) if is_terminal(sys.stderr) else None
+        progress = Progress(total, label=verb, unit="texts")
     pending: list[Record] = []
 
     def texts() -> Iterator[Any]:

@@ -472,6 +472,8 @@ def build_parser() -> ArgumentParser:
     for name, (module, help_text) in _BUILD_COMMANDS.items():
         build = sub.add_parser(name, help=help_text + " (needs the build extra)", add_help=False)
         build.set_defaults(build_module=module)
+    # edge_slm/cli/serve.py parses its own options (dispatched before this parser runs)
+    sub.add_parser("serve", help="serve bundles over an OpenAI-compatible HTTP API", add_help=False)
     gen = sub.add_parser(
         "generate",
         help="continue a text",
