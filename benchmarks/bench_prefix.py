@@ -47,17 +47,16 @@ def main() -> int:
             messages = [*system_messages, {"role": "user", "content": question}]
             outputs = {}
             for mode in ("fresh", "loaded", "reused"):
-                if mode == "fresh":
-                    model.reset_cache()
-                elif mode == "loaded":
-                    model.reset_cache()
+                model.reset_cache()  # no loaded prefix cache
+                if mode == "loaded":
                     model.load_prefix_cache(cache_file)
-                else:  # the previous call left the prompt of this very turn in the cache
-                    model.chat(
-                        [*system_messages, {"role": "user", "content": "Hello"}],
-                        max_new_tokens=1,
-                    )
-                result = model.chat(messages, max_new_tokens=8, temperature=0.0)
+                with model.conversation() as conversation:
+                    if mode == "reused":  # an earlier turn of this conversation holds the prefix
+                        conversation.chat(
+                            [*system_messages, {"role": "user", "content": "Hello"}],
+                            max_new_tokens=1,
+                        )
+                    result = conversation.chat(messages, max_new_tokens=8, temperature=0.0)
                 times[mode].append(result.timings.time_to_first_token_s)
                 outputs[mode] = result.token_ids
             assert outputs["fresh"] == outputs["reused"] == outputs["loaded"], outputs
