@@ -9,7 +9,7 @@ import numpy as np
 
 from edge_slm.bundle import DecoderIO, Validation
 from edge_slm.generation.backends import greedy_continuation
-from edge_slm.generation.fused_step import open_decoder
+from edge_slm.generation.decoders import open_decoder
 from edge_slm_export.errors import ValidationError
 
 VALIDATION_PROMPTS = (

@@ -21,7 +21,7 @@ import onnx
 from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, Quantization, read_bundle, sha256_file, write_manifest
-from edge_slm.generation.fused_step import open_decoder
+from edge_slm.generation.decoders import open_decoder
 from edge_slm.generation.perplexity import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_WINDOW,

@@ -19,7 +19,7 @@ import pytest
 from onnx import numpy_helper
 
 from edge_slm.bundle import read_bundle
-from edge_slm.generation.fused_step import open_decoder
+from edge_slm.generation.decoders import open_decoder
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 64, 128, 11]
 

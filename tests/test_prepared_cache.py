@@ -26,8 +26,8 @@ from edge_slm.engine.prepared_cache import (
     align_external_data,
     default_cache_dir,
 )
-from edge_slm.engine.session import bundle_model_sha256, open_session
-from edge_slm.generation.fused_step import open_decoder
+from edge_slm.engine.session import LoadOptions, bundle_model_sha256, open_session
+from edge_slm.generation.decoders import open_decoder
 
 IDS = np.asarray([[5, 17, 33, 90, 120, 7, 8, 41]], dtype=np.int64)
 PROMPT = "Once upon a time"
@@ -40,7 +40,9 @@ def _entries(root: Path) -> list[Path]:
 def _logits(bundle: Path, cache: Any) -> tuple[np.ndarray, str]:
     manifest, _ = read_manifest(bundle)
     assert manifest.decoder is not None
-    model = open_decoder(bundle / manifest.files["model"], manifest.decoder, cache=cache)
+    model = open_decoder(
+        bundle / manifest.files["model"], manifest.decoder, LoadOptions(prepared_cache=cache)
+    )
     return model.all_logits(IDS), model.session_source
 
 

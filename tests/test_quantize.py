@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, read_bundle, sha256_file
 from edge_slm.errors import EdgeSlmError
-from edge_slm.generation.fused_step import open_decoder
+from edge_slm.generation.decoders import open_decoder
 from edge_slm.generation.perplexity import token_windows
 from edge_slm_quantize import (
     METHODS,

@@ -18,7 +18,7 @@ import pytest
 from onnx import numpy_helper
 
 from edge_slm.bundle import read_bundle
-from edge_slm.generation.fused_step import open_decoder
+from edge_slm.generation.decoders import open_decoder
 from edge_slm_quantize.errors import QuantizationError
 from edge_slm_quantize.search import quantize_blocks
 

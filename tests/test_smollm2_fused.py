@@ -15,7 +15,8 @@ import pytest
 
 import edge_slm
 from edge_slm.bundle import read_bundle
-from edge_slm.generation.fused_step import FusedDecoder, open_decoder
+from edge_slm.generation.decoders import open_decoder
+from edge_slm.generation.fused_step import FusedDecoder
 
 pytestmark = pytest.mark.slow
 

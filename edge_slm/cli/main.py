@@ -592,9 +592,10 @@ def _run_perplexity(args: argparse.Namespace) -> int:
 
     from edge_slm.bundle import read_bundle
     from edge_slm.cli.progress import Progress
+    from edge_slm.engine.session import LoadOptions
     from edge_slm.errors import InvalidArgumentError
     from edge_slm.generation import perplexity as ppl
-    from edge_slm.generation.fused_step import open_decoder
+    from edge_slm.generation.decoders import open_decoder
 
     manifest = read_bundle(args.bundle)  # checksums first: a bundle is checked before use
     if manifest.decoder is None:
@@ -606,7 +607,9 @@ def _run_perplexity(args: argparse.Namespace) -> int:
     window = ppl.effective_window(manifest, args.window)
     bos = ppl.bos_for_scoring(manifest)
     count = len(ppl.token_windows(ids, window, bos))
-    model = open_decoder(args.bundle / manifest.files["model"], manifest.decoder, args.threads)
+    model = open_decoder(
+        args.bundle / manifest.files["model"], manifest.decoder, LoadOptions(threads=args.threads)
+    )
     with Progress(count, label="scoring", unit="windows", enabled=not args.no_progress) as bar:
         counting = cast(Any, _CountingDecoder(model, bar))
         result = ppl.perplexity(counting, ids, window=window, bos_token_id=bos)

@@ -13,17 +13,13 @@ past length, so rows of different lengths share one decode step.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from edge_slm.bundle import DecoderIO
-from edge_slm.engine.prepared_cache import CacheSetting
-from edge_slm.engine.session import open_session
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
-from edge_slm.generation.plain_step import PlainDecoder
 
 LAYOUT = "gqa-shared"
 
@@ -176,27 +172,3 @@ class FusedDecoder:
         return self.run(
             binding, input_ids, np.zeros(batch, dtype=np.int64), np.arange(seq, dtype=np.int64)
         )
-
-
-Decoder = PlainDecoder | FusedDecoder
-"""The graph runner of either layout."""
-
-
-def open_decoder(
-    model_path: Path,
-    io: DecoderIO,
-    threads: int | None = None,
-    spinning: bool | None = None,
-    *,
-    cache: CacheSetting = None,
-) -> Decoder:
-    """The graph runner a bundle's decoder section calls for (optimum or gqa-shared layout).
-
-    ``cache``: the prepared-session cache (see :func:`edge_slm.engine.session.create_session`).
-    """
-    if io.layout not in (LAYOUT, "optimum"):
-        raise BundleError(f"unknown decoder layout {io.layout!r}; allowed: ['optimum', {LAYOUT!r}]")
-    opened = open_session(model_path, threads, spinning, cache=cache)
-    if io.layout == LAYOUT:
-        return FusedDecoder(opened.session, io, opened.detail)
-    return PlainDecoder(opened.session, io, opened.detail)

@@ -115,10 +115,6 @@ class SlotTable:
             state.forget()
             self._cv.notify_all()
 
-    def holder(self, slot: int) -> KVState | None:
-        """The state holding ``slot``, if any."""
-        return self._holders.get(slot)
-
     def snapshot(self) -> dict[int, KVState]:
         """The slots held right now."""
         with self._cv:

@@ -25,7 +25,7 @@ from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation.backends import Backend, Capacity, make_backend
 from edge_slm.generation.batch import generate_batch
 from edge_slm.generation.conversation import Conversation
-from edge_slm.generation.fused_step import Decoder, open_decoder
+from edge_slm.generation.decoders import Decoder, open_decoder
 from edge_slm.generation.kv_slots import KVState
 from edge_slm.generation.options import DecodeConfig, GenerationOptions, resolve_options
 from edge_slm.generation.prefix_cache import SavedPrefix, load_prefix, save_prefix
@@ -52,11 +52,7 @@ class TextGenerator:
         # reuses; loaded after the session it left ~19 MiB more peak RSS (SmolLM2).
         self.tokenizer: Tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
         self.decoder: Decoder = open_decoder(
-            folder / manifest.files["model"],
-            manifest.decoder,
-            options.threads,
-            options.spinning,
-            cache=options.cache_setting(),
+            folder / manifest.files["model"], manifest.decoder, options
         )
         pad = manifest.special_tokens.pad_token_id or 0
         self.backend: Backend = make_backend(self.decoder, options, pad)

@@ -23,8 +23,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, read_manifest
+from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import InvalidArgumentError
-from edge_slm.generation.fused_step import Decoder, open_decoder
+from edge_slm.generation.decoders import Decoder, open_decoder
 
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_TOKENS = 4096
@@ -166,7 +167,11 @@ def bundle_perplexity(
         )
     tokenizer = Tokenizer.from_file(str(bundle / manifest.files["tokenizer"]))
     ids = encode_text(tokenizer, read_text(text_file), max_tokens)
-    model = open_decoder(model_path or bundle / manifest.files["model"], manifest.decoder, threads)
+    model = open_decoder(
+        model_path or bundle / manifest.files["model"],
+        manifest.decoder,
+        LoadOptions(threads=threads),
+    )
     return perplexity(
         model,
         ids,
