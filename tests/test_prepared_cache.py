@@ -94,7 +94,8 @@ def test_a_damaged_entry_is_detected_and_rebuilt(fused: Path, tmp_path: Path, da
         (entry / GRAPH_FILE).write_bytes(b"\xff" * size)
     else:
         (entry / ENTRY_FILE).write_text("{not json")
-    logits, source = _logits(fused, tmp_path)
+    with pytest.warns(SessionCacheWarning, match="entry refused and rebuilt"):
+        logits, source = _logits(fused, tmp_path)
     assert source.startswith("prepared-session cache built"), source
     assert "the old entry was unusable" in source
     assert np.array_equal(logits, expected)
@@ -145,7 +146,7 @@ def test_an_unwritable_cache_warns_and_loads_normally(
     assert np.array_equal(logits, expected)
     assert "cache" in source and "hit" not in source
     if how == "full":
-        assert not list(root.iterdir())  # the temporary folder was removed
+        assert [p.name for p in root.iterdir()] == [".secret"]  # the temporary folder was removed
 
 
 def test_a_read_only_cache_still_serves_hits(
@@ -167,11 +168,11 @@ def test_a_lost_race_keeps_the_winners_entry(
 ) -> None:
     winner = tmp_path / "winner"
     _logits(fused, winner)
-    (entry,) = _entries(winner)
+    (_entry,) = _entries(winner)
     real_rename = os.rename
 
     def rename_after_the_other_process(src: Any, dst: Any) -> None:
-        shutil.copytree(entry, dst)  # the other process renamed its entry first
+        shutil.copytree(src, dst)  # the other process renamed its (identical) entry first
         real_rename(src, dst)
 
     monkeypatch.setattr(prepared_cache.os, "rename", rename_after_the_other_process)
@@ -181,7 +182,8 @@ def test_a_lost_race_keeps_the_winners_entry(
         _, source = _logits(fused, root)
     assert source.startswith("prepared-session cache built")
     monkeypatch.undo()
-    assert [p.name for p in root.iterdir()] == [entry.name]  # no temporary folder left
+    assert [p.name for p in _entries(root)] == [p.name for p in root.iterdir() if p.is_dir()]
+    assert len(_entries(root)) == 1  # no temporary folder left
     assert _logits(fused, root)[1] == "prepared-session cache hit"
 
 
@@ -300,3 +302,109 @@ def test_release_file_pages_keeps_data_and_private_copies(tmp_path: Path) -> Non
     assert prepared_cache.release_file_pages(path) == 0
     assert clean[0:4] == b"edge" and clean[4:] == payload[4:]
     clean.close()
+
+
+# ------------------------------------------------------------------ integrity (issue 11)
+
+
+def _resign(entry: Path, record: dict[str, Any], secret: bytes | None) -> None:
+    body = {k: v for k, v in record.items() if k != "mac"}
+    if secret is not None:
+        body["mac"] = prepared_cache._mac(secret, body)
+    (entry / ENTRY_FILE).write_text(json.dumps(body))
+
+
+def _edit_same_size(path: Path) -> None:
+    """Change bytes of a cached data file without changing its size."""
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        chunk = fh.read(64)
+        fh.seek(-len(chunk), os.SEEK_CUR)
+        fh.write(bytes(b ^ 0x5A for b in chunk))
+
+
+@pytest.mark.parametrize("attack", ["same-size-edit", "planted-unsigned", "planted-other-secret"])
+def test_a_tampered_or_planted_entry_is_refused_never_run(
+    fused: Path, fused_bundles: dict[str, Path], tmp_path: Path, attack: str
+) -> None:
+    expected, _ = _logits(fused, False)
+    _logits(fused, tmp_path)
+    (entry,) = _entries(tmp_path)
+    record = json.loads((entry / ENTRY_FILE).read_text())
+    if attack == "same-size-edit":  # sizes still match: only the sha256 tells
+        _edit_same_size(entry / DATA_FILE)
+    else:  # another model's prepared graph, with a record whose sizes and sha256 fit it
+        other = tmp_path / "other"
+        _logits(fused_bundles["qwen2"], other)
+        (donor,) = _entries(other)
+        for name in (GRAPH_FILE, DATA_FILE):
+            shutil.copyfile(donor / name, entry / name)
+        record["files"] = {n: (entry / n).stat().st_size for n in (GRAPH_FILE, DATA_FILE)}
+        record["sha256"] = {
+            n: prepared_cache.sha256_file(entry / n) for n in (GRAPH_FILE, DATA_FILE)
+        }
+        _resign(entry, record, None if attack == "planted-unsigned" else os.urandom(32))
+    with pytest.warns(SessionCacheWarning, match="entry refused and rebuilt"):
+        logits, source = _logits(fused, tmp_path)
+    assert source.startswith("prepared-session cache built"), source
+    assert np.array_equal(logits, expected)  # the verified bundle's model, not the planted one
+    assert _logits(fused, tmp_path)[1] == "prepared-session cache hit"
+
+
+def test_entry_names_depend_on_a_private_secret(fused: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _logits(fused, a)
+    _logits(fused, b)
+    assert _entries(a)[0].name != _entries(b)[0].name  # a public key alone names nothing
+    secret = a / prepared_cache.SECRET_FILE
+    assert secret.stat().st_mode & 0o777 == 0o600
+    secret.chmod(0o644)  # readable by others: not trusted, the cache is not used
+    with pytest.warns(SessionCacheWarning, match="no usable secret"):
+        source = _logits(fused, a)[1]
+    assert "no usable secret" in source
+
+
+def test_a_verified_bundle_in_a_new_folder_shares_its_entry_and_vanished_ones_are_pruned(
+    fused: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    first = tmp_path / "boot1"
+    shutil.copytree(fused, first)
+    assert edge_slm.load(first, cache=cache).decoder.session_source.startswith(  # type: ignore[union-attr]
+        "prepared-session cache built"
+    )
+    shutil.rmtree(first)
+    second = tmp_path / "boot2"
+    shutil.copytree(fused, second)  # unpacked again at the next boot: new path, new mtimes
+    model = edge_slm.load(second, cache=cache)
+    assert model.decoder.session_source == "prepared-session cache hit"  # type: ignore[union-attr]
+    (entry,) = _entries(cache)
+    record = json.loads((entry / ENTRY_FILE).read_text())
+    assert record["bundle_paths"][0] == str(second.resolve())
+    assert "model_path" not in record["key"]
+    # An unverified entry of another bundle whose folder is gone is pruned at the next build.
+    other = tmp_path / "gone"
+    shutil.copytree(fused, other)
+    open_session(other / "model.onnx", cache=cache)  # unverified: its own path-keyed entry
+    assert len(_entries(cache)) == 2
+    shutil.rmtree(other)
+    open_session(second / "model.onnx", cache=cache, model_sha256="1" * 64)
+    names = {json.loads((e / ENTRY_FILE).read_text())["bundle_paths"][0] for e in _entries(cache)}
+    assert str(other.resolve()) not in names
+
+
+def test_the_size_cap_evicts_least_recently_used_entries(
+    fused: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = fused / "model.onnx"
+    open_session(model, cache=tmp_path / "c", model_sha256="1" * 64)
+    open_session(
+        model, cache=tmp_path / "c", model_sha256="2" * 64
+    )  # same path: replaces the first
+    assert len(_entries(tmp_path / "c")) == 1
+    copy = tmp_path / "copy"
+    shutil.copytree(fused, copy)
+    monkeypatch.setenv(prepared_cache.MAX_BYTES_ENV, "1")
+    open_session(copy / "model.onnx", cache=tmp_path / "c", model_sha256="3" * 64)
+    (kept,) = _entries(tmp_path / "c")  # over the cap: only the entry just built stays
+    assert json.loads((kept / ENTRY_FILE).read_text())["key"]["model_sha256"] == "3" * 64

@@ -20,14 +20,19 @@ aligned offset; and after a hit :func:`release_file_pages` unmaps the originals 
 onnxruntime only reads while creating the session (-20 MiB peak RSS).
 
 **Key.** An entry is used only if every field that changes what is saved matches:
-the model's sha256 (from the bundle manifest, not re-hashed here), the model file's
-resolved path, size and mtime (a file changed under a stale manifest misses), the
-onnxruntime version and build, the graph optimization level, the execution provider,
-the CPU (``platform.machine()`` plus a hash of the ``flags``/``Features`` line of
-``/proc/cpuinfo``, else ``platform.processor()``: a graph saved above
-ORT_ENABLE_EXTENDED may hold optimizations for this CPU only) and this module's format
-version. Thread count and spinning do not change the saved graph (the files were
-byte-identical with 1 and 2 threads) and are not in the key.
+the graph's sha256 (from the bundle manifest, which :func:`edge_slm.load` checked with
+``verify=True``; not re-hashed here), the onnxruntime version and build, the graph
+optimization level, the execution provider, the CPU (``platform.machine()`` plus a hash
+of the ``flags``/``Features`` line of ``/proc/cpuinfo``, else ``platform.processor()``:
+a graph saved above ORT_ENABLE_EXTENDED may hold optimizations for this CPU only) and
+this module's format version. The key is content-derived: the same bundle unpacked to a
+new folder hits the same entry. When the caller cannot vouch for the sha256 (a graph
+opened directly, ``verify=False``), the model file's resolved path, size and mtime join
+the key (a file changed under a stale manifest misses). The entry's folder name is an
+HMAC of the key under a random per-cache secret (``.secret``, mode 0600), so an entry
+cannot be planted by someone who cannot read that secret. Thread count and spinning do
+not change the saved graph (the files were byte-identical with 1 and 2 threads) and are
+not in the key.
 
 **Location.** ``cache_dir`` argument, else ``$EDGE_SLM_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/edge-slm``, else ``~/.cache/edge-slm``; one sub-folder per key.
@@ -36,31 +41,33 @@ byte-identical with 1 and 2 threads) and are not in the key.
 **Safety.** An entry is built in a temporary folder beside its target, fsynced and
 renamed into place, so other processes see a complete entry or none; when two
 processes race, the first rename wins and the loser keeps its own session.
-``entry.json`` records the key and the size of every cached file. An entry whose key or
-sizes do not match, or whose session creation raises, is deleted and rebuilt once from
-the bundle. A graph whose saved data cannot be aligned is recorded as unusable (the
-entry keeps only ``entry.json``) and loads without the cache. A location that cannot be
+``entry.json`` records the key, the size and the sha256 of every cached file, the bundle
+paths it served, and an HMAC of all that under the cache secret. An entry whose key,
+HMAC, sizes or sha256 do not match, or whose session creation raises, is refused with a
+:class:`SessionCacheWarning` (when it was tampered with or corrupt), deleted and rebuilt
+once from the bundle: what the cache serves is always what was built from the verified
+bundle. A graph whose saved data cannot be aligned is recorded as unusable (the entry
+keeps only ``entry.json``) and loads without the cache. A location that cannot be
 written (read-only, full) gives one :class:`SessionCacheWarning` and the bundle loads
 without the cache; nothing here makes a load fail that would have succeeded without
-it. Building an entry removes older entries of the same model path (an old onnxruntime
-or export of that bundle) and temporary folders left by killed processes.
+it. Building an entry removes older entries of the same unverified model path, entries
+none of whose bundles exists any more, temporary folders left by killed processes, and
+then the least recently used entries while the cache holds more than
+``EDGE_SLM_CACHE_MAX_BYTES`` (default 8 GiB; the entry just built is always kept).
 
-**verify=True.** :func:`edge_slm.load` checks the bundle's checksums before this runs,
-and the entry is keyed by that verified sha256, so a modified bundle never reuses an
-entry built from other content. The cached files themselves are not hashed on load
-(hashing 194 MB costs more than the cache saves); they are checked for size and for
-loading. Protected: a modified, replaced or re-exported bundle, a truncated or missing
-cache file, an unreadable graph, another onnxruntime or CPU. Not protected: a
-same-size modification of a cached file by someone who can write to the cache folder
-(the same account could as well edit the bundle or edge_slm itself) or silent disk
-corruption inside it. Use ``cache=False`` (``--no-cache``, ``EDGE_SLM_CACHE=0``) where
-that matters.
+**Cost.** Every hit hashes the cached files (about 2.3x the model): on the demo
+SmolLM2-135M int4 bundle (see ``docs/reliability.md`` for the figures measured) this
+adds a fraction of the load; a hashed entry is still faster than optimizing and
+pre-packing again. Not protected: someone who can read the cache secret (the same
+account, which could as well edit the bundle or edge_slm itself).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import hmac
 import json
 import os
 import platform
@@ -78,13 +85,17 @@ import onnxruntime as ort
 
 CACHE_ENV = "EDGE_SLM_CACHE"
 CACHE_DIR_ENV = "EDGE_SLM_CACHE_DIR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ENTRY_FILE = "entry.json"
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.data"
 PROVIDER = "CPUExecutionProvider"
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600.0
+SECRET_FILE = ".secret"
+MAX_BYTES_ENV = "EDGE_SLM_CACHE_MAX_BYTES"
+DEFAULT_MAX_BYTES = 8 << 30
+_HASH_CHUNK = 1 << 22
 
 CacheSetting = bool | str | Path | None
 """``True``/``False`` turn the cache on/off, a path turns it on in that folder; None
@@ -156,56 +167,145 @@ def _model_files(model_path: Path) -> list[Path]:
 
 
 def cache_key(
-    model_path: Path, model_sha256: str, optimization_level: ort.GraphOptimizationLevel
+    model_path: Path,
+    model_sha256: str,
+    optimization_level: ort.GraphOptimizationLevel,
+    verified: bool = False,
 ) -> dict[str, Any]:
-    """Every field that must match for an entry to be used (see the module docstring)."""
-    model_path = model_path.resolve()
-    files = {}
-    for path in _model_files(model_path):
-        stat = path.stat()
-        files[path.name] = [stat.st_size, stat.st_mtime_ns]
+    """Every field that must match for an entry to be used (see the module docstring).
+
+    ``verified``: the caller checked ``model_sha256`` against the files (a load with
+    ``verify=True``); the key is then the content alone, else the file's path, size
+    and mtime join it.
+    """
     build = ort.get_build_info() if hasattr(ort, "get_build_info") else ""
-    return {
+    key: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "model_sha256": model_sha256,
-        "model_path": str(model_path),
-        "model_files": files,
         "onnxruntime": ort.__version__,
         "onnxruntime_build": build,
         "optimization_level": str(optimization_level),
         "provider": PROVIDER,
         "cpu": cpu_identity(),
     }
+    if not verified:
+        model_path = model_path.resolve()
+        files = {}
+        for path in _model_files(model_path):
+            stat = path.stat()
+            files[path.name] = [stat.st_size, stat.st_mtime_ns]
+        key["model_path"] = str(model_path)
+        key["model_files"] = files
+    return key
 
 
-def _digest(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_secret(root: Path, create: bool = True) -> bytes | None:
+    """The cache's random HMAC secret (``root/.secret``, mode 0600), made on first use.
+
+    None when it cannot be read or made, or when others may read it (group/world bits)
+    or it belongs to another user: the cache is then not used.
+    """
+    path = root / SECRET_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            if not create:
+                return None
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # another process made it first: read theirs
+            except OSError:
+                return None
+            try:
+                os.write(fd, os.urandom(32))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            continue
+        except OSError:
+            return None
+        try:
+            stat = os.fstat(fd)
+            secret = os.read(fd, 64)
+        finally:
+            os.close(fd)
+        if stat.st_mode & 0o077 or (hasattr(os, "getuid") and stat.st_uid != os.getuid()):
+            return None
+        return secret if len(secret) == 32 else None
+    return None
+
+
+def _mac(secret: bytes, data: Any) -> str:
+    text = json.dumps(data, sort_keys=True).encode()
+    return hmac.new(secret, text, hashlib.sha256).hexdigest()
+
+
+def _digest(key: dict[str, Any], secret: bytes) -> str:
+    return _mac(secret, key)[:32]
 
 
 def _warn(message: str) -> None:
     warnings.warn(f"prepared-session cache not used: {message}", SessionCacheWarning, stacklevel=5)
 
 
-def _read_entry(entry: Path, key: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """("", record) if ``entry`` looks complete for ``key``, else (why not, {})."""
+def _warn_refused(message: str) -> None:
+    warnings.warn(
+        f"prepared-session cache entry refused and rebuilt: {message}",
+        SessionCacheWarning,
+        stacklevel=5,
+    )
+
+
+def _read_entry(entry: Path, key: dict[str, Any], secret: bytes) -> tuple[str, dict[str, Any]]:
+    """("", record) if ``entry`` is complete, authentic and intact for ``key``, else
+    (why not, {}). Every cached file is hashed and compared with the recorded sha256."""
     try:
         record = json.loads((entry / ENTRY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return f"unreadable {ENTRY_FILE} ({exc})", {}
     if not isinstance(record, dict) or record.get("key") != key:
         return "key mismatch", {}
+    body = {k: v for k, v in record.items() if k != "mac"}
+    mac = record.get("mac")
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(secret, body)):
+        return f"{ENTRY_FILE} is not signed by this cache's secret (planted or edited)", {}
     if isinstance(record.get("unusable"), str):
         return "", record
-    sizes = record.get("files")
-    if not isinstance(sizes, dict) or GRAPH_FILE not in sizes:
+    sizes, hashes = record.get("files"), record.get("sha256")
+    if not isinstance(sizes, dict) or GRAPH_FILE not in sizes or not isinstance(hashes, dict):
         return "no file list", {}
     for name, size in sizes.items():
+        path = entry / name
         try:
-            actual = (entry / name).stat().st_size
+            actual = path.lstat()
         except OSError:
             return f"{name} is missing", {}
-        if actual != size:
-            return f"{name} has {actual} bytes, {size} recorded", {}
+        if not os.path.isfile(path) or os.path.islink(path):
+            return f"{name} is not a regular file", {}
+        if actual.st_size != size:
+            return f"{name} has {actual.st_size} bytes, {size} recorded", {}
+    present = sorted(p.name for p in entry.iterdir() if p.name != ENTRY_FILE)
+    if present != sorted(sizes):
+        return f"unexpected files in the entry: {sorted(set(present) - set(sizes))}", {}
+    for name in sizes:
+        try:
+            actual_sha = sha256_file(entry / name)
+        except OSError as exc:
+            return f"{name} is unreadable ({exc})", {}
+        if actual_sha != hashes.get(name):
+            return f"{name} has sha256 {actual_sha[:16]}..., not the one recorded", {}
     return "", record
 
 
@@ -213,13 +313,32 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def max_bytes() -> int:
+    """The cache's size cap: ``EDGE_SLM_CACHE_MAX_BYTES`` (bytes) or 8 GiB."""
+    value = os.environ.get(MAX_BYTES_ENV, "").strip()
+    try:
+        return max(0, int(value)) if value else DEFAULT_MAX_BYTES
+    except ValueError:
+        return DEFAULT_MAX_BYTES
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for path in folder.iterdir():
+        with contextlib.suppress(OSError):
+            total += path.lstat().st_size
+    return total
+
+
 def _prune(root: Path, key: dict[str, Any], keep: Path) -> None:
-    """Drop other entries of the same model path and old temporary folders."""
+    """Drop other entries of the same unverified model path, entries whose bundles all
+    vanished, old temporary folders, then the least recently used entries over the cap."""
     now = time.time()
     try:
         children = list(root.iterdir())
     except OSError:
         return
+    alive: list[tuple[float, int, Path]] = []
     for child in children:
         if child == keep or not child.is_dir():
             continue
@@ -229,10 +348,33 @@ def _prune(root: Path, key: dict[str, Any], keep: Path) -> None:
                     _remove(child)
                 continue
             record = json.loads((child / ENTRY_FILE).read_text(encoding="utf-8"))
-            if record["key"]["model_path"] == key["model_path"]:
+            old = record["key"].get("model_path")
+            if old is not None and old == key.get("model_path"):
                 _remove(child)
-        except (OSError, ValueError, KeyError, TypeError):
+                continue
+            paths = record.get("bundle_paths") or []
+            if paths and not any(os.path.exists(p) for p in paths):
+                _remove(child)  # every bundle it served is gone (unpacked elsewhere)
+                continue
+            alive.append(((child / ENTRY_FILE).stat().st_mtime, _size(child), child))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
+    cap = max_bytes()
+    try:
+        total = _size(keep) + sum(size for _, size, _ in alive)
+    except OSError:
+        return
+    for _, size, child in sorted(alive, key=lambda a: a[0]):  # least recently used first
+        if total <= cap:
+            break
+        _remove(child)
+        total -= size
+
+
+def _touch(entry: Path) -> None:
+    """Mark an entry as used now (what the size cap evicts last)."""
+    with contextlib.suppress(OSError):
+        os.utime(entry / ENTRY_FILE)
 
 
 def _fsync(path: Path) -> None:
@@ -438,6 +580,7 @@ def _build(
     root: Path,
     entry: Path,
     key: dict[str, Any],
+    secret: bytes,
 ) -> CachedSession | str:
     """Build ``entry`` and return the session that built it, or why it could not be
     built (the caller then opens the bundle without the cache)."""
@@ -462,7 +605,7 @@ def _build(
     except Exception as exc:  # a full disk, or a model that will not load at all
         _remove(tmp)
         return f"building the entry in {root} failed ({str(exc).strip()[:200]})"
-    record: dict[str, Any] = {"key": key}
+    record: dict[str, Any] = {"key": key, "bundle_paths": [str(model_path.resolve().parent)]}
     try:
         try:
             record["moved_blobs"] = align_external_data(tmp)
@@ -475,8 +618,9 @@ def _build(
         if "unusable" not in record and GRAPH_FILE not in sizes:
             raise OSError(f"onnxruntime wrote no {GRAPH_FILE}")
         record["files"] = sizes
+        record["sha256"] = {name: sha256_file(tmp / name) for name in sizes}
         record["build_s"] = round(time.perf_counter() - start, 3)
-        (tmp / ENTRY_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        _write_record(tmp, record, secret)
         for name in [*sizes, ENTRY_FILE]:
             _fsync(tmp / name)  # complete on disk before it becomes visible
         _remove(entry)  # a stale or broken entry of this key (already judged unusable)
@@ -495,6 +639,29 @@ def _build(
         return CachedSession(session, "off", f"prepared-session cache off: {record['unusable']}")
     total = sum(sizes.values())
     return CachedSession(session, "built", f"prepared-session cache built, {total >> 20} MiB")
+
+
+def _write_record(folder: Path, record: dict[str, Any], secret: bytes) -> None:
+    body = {k: v for k, v in record.items() if k != "mac"}
+    signed = {**body, "mac": _mac(secret, body)}
+    tmp = folder / f"{ENTRY_FILE}.tmp"
+    tmp.write_text(json.dumps(signed, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / ENTRY_FILE)
+
+
+def _note_path(entry: Path, record: dict[str, Any], model_path: Path, secret: bytes) -> None:
+    """Add this bundle's folder to the entry's record (entries whose bundles all
+    vanished are pruned) and mark the entry used; best effort (a read-only cache)."""
+    here = str(model_path.resolve().parent)
+    paths = [p for p in record.get("bundle_paths") or [] if isinstance(p, str)]
+    if paths[:1] != [here]:
+        kept = [here, *[p for p in paths if p != here and os.path.exists(p)][:7]]
+        try:
+            _write_record(entry, {**record, "bundle_paths": kept}, secret)
+            return
+        except OSError:
+            pass
+    _touch(entry)
 
 
 _MADV_DONTNEED = 4  # Linux, every architecture
@@ -553,6 +720,8 @@ def open_cached(
     model_sha256: str,
     options: Callable[[], ort.SessionOptions],
     cache_dir: str | Path | None = None,
+    *,
+    verified: bool = False,
 ) -> CachedSession:
     """A session of ``model_path`` from the cache, building the entry on a miss.
 
@@ -564,19 +733,27 @@ def open_cached(
             anything in them besides threads/spinning must not change the saved graph,
             except the optimization level, which is part of the key.
         cache_dir: the cache folder; None: :func:`default_cache_dir`.
+        verified: ``model_sha256`` was checked against the files just now: the key is
+            the content alone (see :func:`cache_key`).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     level = options().graph_optimization_level
     try:
-        key = cache_key(model_path, model_sha256, level)
+        key = cache_key(model_path, model_sha256, level, verified)
     except OSError as exc:
         session = _plain(model_path, options)
         _warn(f"cannot stat {model_path} ({exc})")
         return CachedSession(session, "unavailable", str(exc))
-    entry = root / _digest(key)
+    secret = cache_secret(root) if not root.exists() or root.is_dir() else None
+    if secret is None:
+        session = _plain(model_path, options)
+        why = f"no usable secret in {root} (cannot write it, or others may read it)"
+        _warn(why)
+        return CachedSession(session, "unavailable", why)
+    entry = root / _digest(key, secret)
     problem = "no entry"
     if entry.is_dir():
-        problem, record = _read_entry(entry, key)
+        problem, record = _read_entry(entry, key, secret)
         if not problem and "unusable" in record:
             session = _plain(model_path, options)
             return CachedSession(
@@ -588,11 +765,14 @@ def open_cached(
             try:
                 session = ort.InferenceSession(str(entry / GRAPH_FILE), so, providers=[PROVIDER])
                 release_file_pages(entry / DATA_FILE)
+                _note_path(entry, record, model_path, secret)
                 return CachedSession(session, "hit", "prepared-session cache hit")
             except Exception as exc:  # a corrupt entry: rebuild it from the bundle
                 problem = f"entry did not load ({str(exc).strip()[:120]})"
+        if problem != "key mismatch":
+            _warn_refused(f"{entry.name}: {problem}")
         _remove(entry)
-    built = _build(model_path, options, root, entry, key)
+    built = _build(model_path, options, root, entry, key, secret)
     if isinstance(built, str):
         session = _plain(model_path, options)  # raises as it always did on a bad model
         _warn(built)

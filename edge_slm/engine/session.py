@@ -155,8 +155,14 @@ def open_session(
     *,
     cache: CacheSetting = None,
     model_sha256: str | None = None,
+    verified: bool = False,
 ) -> CachedSession:
-    """:func:`create_session`, also saying whether the session came from the cache."""
+    """:func:`create_session`, also saying whether the session came from the cache.
+
+    ``verified``: the bundle's checksums were checked just before (``edge_slm.load``
+    with ``verify=True``), so the cache key is the verified content alone and the same
+    bundle in another folder shares the entry.
+    """
     if threads is not None and threads < 1:
         raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
     if threads is None or spinning is None:
@@ -173,7 +179,9 @@ def open_session(
         why = "no manifest checksum" if enabled else "off"
         return CachedSession(session, "off", f"prepared-session cache {why}")
     cache_dir = Path(cache) if isinstance(cache, (str, Path)) else None
-    return prepared_cache.open_cached(Path(model_path), sha, options, cache_dir)
+    return prepared_cache.open_cached(
+        Path(model_path), sha, options, cache_dir, verified=verified and model_sha256 is None
+    )
 
 
 def create_session(
@@ -217,7 +225,8 @@ class LoadOptions:
             ``EDGE_SLM_THREADS``.
         spinning: let idle onnxruntime threads spin; None: onnxruntime's default unless
             the CPU is already fully loaded (see :func:`session_defaults`).
-        verify: check every file's sha256 against the manifest before loading.
+        verify: check every file's sha256 against the manifest before loading (the
+            prepared-session cache then keys its entry by that verified content).
         prepared_cache: the prepared-session cache (:mod:`edge_slm.engine.prepared_cache`):
             True: on, in the default folder; a path: on, in that folder; False: off;
             None: on unless ``EDGE_SLM_CACHE=0``.
@@ -269,7 +278,13 @@ class LoadOptions:
 
     def open(self, model_path: Path) -> CachedSession:
         """The onnxruntime session of ``model_path`` with these threads, spinning and cache."""
-        return open_session(model_path, self.threads, self.spinning, cache=self.cache_setting())
+        return open_session(
+            model_path,
+            self.threads,
+            self.spinning,
+            cache=self.cache_setting(),
+            verified=self.verify,
+        )
 
     def cache_setting(self) -> CacheSetting:
         """The prepared-cache setting with None resolved from ``EDGE_SLM_CACHE``."""
