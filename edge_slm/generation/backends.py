@@ -239,6 +239,9 @@ class FusedBackend:
         """Prefills one by one, then every decode step in one forward (run lock held)."""
         decodes = []
         for request in requests:
+            if request.state.slot is None:  # its call was abandoned and its slot given back
+                request.error = CapacityError("this conversation no longer holds KV memory")
+                continue
             if request.kind == "decode":
                 decodes.append(request)
                 continue

@@ -84,13 +84,18 @@ class StepScheduler:
             self._queue.extend(requests)
             self._cv.notify_all()
             batch: list[StepRequest] | None = None
-            while not all(r.done for r in requests):
-                if not self._leading:
-                    self._leading = True
-                    self._gather()
-                    batch, self._queue = self._queue, []
-                    break
-                self._cv.wait()
+            try:
+                while not all(r.done for r in requests):
+                    if not self._leading:
+                        self._leading = True
+                        self._gather()
+                        batch, self._queue = self._queue, []
+                        break
+                    self._cv.wait()
+            except BaseException:  # e.g. KeyboardInterrupt while waiting: withdraw
+                self._queue = [r for r in self._queue if r not in requests]
+                self._live.pop(me, None)
+                raise
         if batch is not None:
             self._lead(batch)
         for request in requests:
