@@ -24,11 +24,13 @@ from edge_slm.errors import (
     CapacityError,
     ChatTemplateError,
     ChecksumError,
+    ConstraintError,
     ContextLengthError,
     EdgeSlmError,
     InvalidArgumentError,
 )
 from edge_slm.generation.backends import Capacity
+from edge_slm.generation.constraints import Grammar, JsonSchema, Regex
 from edge_slm.generation.conversation import Conversation
 from edge_slm.generation.model import TextGenerator
 from edge_slm.generation.options import GenerationOptions
@@ -46,16 +48,20 @@ __all__ = [
     "ChecksumError",
     "Chunk",
     "Classification",
+    "ConstraintError",
     "ContextLengthError",
     "Conversation",
     "CosineIndex",
     "EdgeSlmError",
     "GenerationOptions",
     "GenerationResult",
+    "Grammar",
     "Hit",
     "InvalidArgumentError",
+    "JsonSchema",
     "LoadOptions",
     "Manifest",
+    "Regex",
     "TextClassifier",
     "TextEmbedder",
     "TextGenerator",

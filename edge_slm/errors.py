@@ -50,3 +50,12 @@ class BusyError(InvalidArgumentError):
     One conversation serves one call at a time (finish or close its stream first);
     separate conversations, or the model's own calls, may run at once.
     """
+
+
+class ConstraintError(InvalidArgumentError):
+    """A generation constraint (JSON schema, regex, grammar) is invalid or unavailable.
+
+    Raised for a schema, regex or grammar llguidance cannot compile (the message says
+    where), and when llguidance is not installed (the message names the extra:
+    ``pip install 'edge-slm[structured]'``).
+    """

@@ -60,16 +60,22 @@ class SamplingState:
         self.generated: list[int] = []
         self.rng = np.random.default_rng(config.options.seed)
         self.deadline: Deadline = config.deadline()
+        self.constraint = config.constraint.start() if config.constraint is not None else None
 
     def sample(self, logits: np.ndarray) -> TokenStep:
         """Process ``logits`` ``[vocab]``, draw a token and say whether the sequence ends."""
         config = self.config
         row = logits
+        if self.constraint is not None:  # first: processors and sampler see allowed tokens only
+            row = self.constraint.mask(row, config.stop_ids)
         if config.processors:
+            masked = row
             history = np.asarray(self.history, dtype=np.int64)
             generated = np.asarray(self.generated, dtype=np.int64)
             for process in config.processors:
                 row = process(history, generated, row)
+            if self.constraint is not None and not np.isfinite(row).any():
+                row = masked  # the processors banned every allowed token: the constraint wins
         token = config.sampler(row, self.rng)
         logprob, alternatives = top_logprobs(row, token, config.logprobs)
         self.generated.append(token)
@@ -77,6 +83,8 @@ class SamplingState:
         reason: FinishReason | None = None
         if token in config.stop_ids:
             reason = FinishReason.STOP_TOKEN
+        elif self.constraint is not None and self.constraint.advance(token):
+            reason = FinishReason.CONSTRAINT
         elif len(self.generated) >= self.budget:
             reason = FinishReason.LENGTH
         elif self.deadline.expired():

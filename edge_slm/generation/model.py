@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation.backends import Backend, Capacity, make_backend
 from edge_slm.generation.batch import generate_batch
+from edge_slm.generation.constraints import compile_constraint
 from edge_slm.generation.conversation import Conversation
 from edge_slm.generation.decoders import Decoder, open_decoder
 from edge_slm.generation.kv_slots import KVState
@@ -91,13 +93,19 @@ class TextGenerator:
         return self.encode(self.render_chat(messages), add_special_tokens=False)
 
     def decode_config(self, options: GenerationOptions) -> DecodeConfig:
-        """``options`` resolved against the bundle's defaults and validated."""
-        return resolve_options(
+        """``options`` resolved against the bundle's defaults and validated.
+
+        A ``constraint`` is compiled here, once per call (docs/structured-output.md).
+        """
+        config = resolve_options(
             options,
             self.manifest.generation_defaults,
             self.manifest.vocab_size,
             self.manifest.special_tokens.eos_token_ids,
         )
+        if config.options.constraint is not None:
+            config = replace(config, constraint=compile_constraint(config.options.constraint, self))
+        return config
 
     # ------------------------------------------------------------- conversations
     def conversation(self, prefix_reuse: bool = True) -> Conversation:

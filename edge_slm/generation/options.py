@@ -15,6 +15,7 @@ from typing import Any
 
 from edge_slm.bundle import GenerationDefaults
 from edge_slm.errors import InvalidArgumentError
+from edge_slm.generation.constraints import CONSTRAINT_TYPES, CompiledConstraint, Constraint
 from edge_slm.generation.sampling import (
     LogitsProcessor,
     Sampler,
@@ -34,6 +35,11 @@ class GenerationOptions:
     Sampling is greedy when ``temperature`` is 0. When ``temperature`` is None the
     bundle's default applies: its ``temperature`` if its generation_config samples,
     greedy otherwise.
+
+    ``constraint`` (a :class:`~edge_slm.JsonSchema`, :class:`~edge_slm.Regex` or
+    :class:`~edge_slm.Grammar`; needs ``edge-slm[structured]``) masks every token the
+    output could not continue with, before the processors and the sampler
+    (docs/structured-output.md).
     """
 
     max_new_tokens: int | None = None
@@ -53,6 +59,7 @@ class GenerationOptions:
     deadline_s: float | None = None
     logprobs: int = 0
     truncate_prompt: bool = False
+    constraint: Constraint | None = None
 
     @classmethod
     def build(
@@ -82,6 +89,7 @@ class DecodeConfig:
         processors: the history-aware logits processors at a non-neutral setting.
         stop_ids: the bundle's end-of-sequence ids and the caller's stop token ids.
         stop_strings: the stop strings (checked by the text layer).
+        constraint: the compiled constraint (each sequence starts its own state), if any.
     """
 
     options: GenerationOptions
@@ -89,6 +97,7 @@ class DecodeConfig:
     processors: tuple[LogitsProcessor, ...]
     stop_ids: frozenset[int]
     stop_strings: tuple[str, ...]
+    constraint: CompiledConstraint | None = None
 
     @property
     def max_new_tokens(self) -> int:
@@ -159,6 +168,11 @@ def resolve_options(
     if not isinstance(opts.truncate_prompt, bool):
         raise InvalidArgumentError(
             f"truncate_prompt must be True or False, got {opts.truncate_prompt!r}"
+        )
+    if opts.constraint is not None and not isinstance(opts.constraint, CONSTRAINT_TYPES):
+        raise InvalidArgumentError(
+            "constraint must be a JsonSchema, Regex or Grammar (edge_slm), "
+            f"got {type(opts.constraint).__name__}"
         )
     stop_strings = StopStringMatcher(list(opts.stop)).stop_strings if opts.stop else ()
     Deadline(opts.deadline_s)  # validates the value; each call starts its own clock

@@ -559,6 +559,8 @@ class Handler(BaseHTTPRequestHandler):
             )
         max_tokens = request.max_tokens or min(manifest.generation_defaults.max_new_tokens, cap)
         options = dict(request.options, max_new_tokens=max_tokens)
+        if "constraint" in options:  # an invalid schema is a 400 before any stream starts
+            model.decode_config(edge_slm.GenerationOptions(constraint=options["constraint"]))
         prompt_tokens = self._prompt_tokens(model, request)
         app.admission.acquire(len(request.jobs), self._deadline_left(started))
         run: Run | None = None

@@ -7,7 +7,10 @@ Policy for fields (docs/server.md, "Request fields"):
 * harmless OpenAI fields that only label or route a request (``user``, ``metadata``,
   ``store``, ``service_tier``, ...) are accepted and ignored (:data:`IGNORED`);
 * OpenAI fields whose default we honour are accepted only at that default
-  (``tools: []``, ``response_format: {"type": "text"}``, ``echo: false``, ...);
+  (``tools: []``, ``echo: false``, ...);
+* ``response_format`` (``text``, ``json_object``, ``json_schema``, and the extensions
+  ``regex`` and ``grammar``) becomes a generation ``constraint``
+  (docs/structured-output.md);
 * anything else is refused with a 400 naming the field: a request is never silently
   answered differently from what it asked for.
 """
@@ -19,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_slm.generation.constraints import Constraint, Grammar, JsonSchema, Regex
 from edge_slm.server.errors import ApiError, bad_request
 
 IGNORED = frozenset(
@@ -276,7 +280,43 @@ _CHAT_FIELDS = _SAMPLING | {
     "response_format",
     "modalities",
 }
-_COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "best_of", "suffix"}
+_COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "best_of", "suffix", "response_format"}
+RESPONSE_FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
+
+
+def _response_format(body: Mapping[str, Any]) -> Constraint | None:
+    """``response_format`` as a constraint (None: free text).
+
+    ``json_object`` is any JSON object; ``json_schema`` is OpenAI's
+    ``{"json_schema": {"name": ..., "schema": {...}, "strict": ...}}`` (the schema is
+    always enforced, strict or not); ``{"type": "regex", "regex": "..."}`` and
+    ``{"type": "grammar", "grammar": "..."}`` (Lark or GBNF) are our extensions.
+    """
+    value = body.get("response_format")
+    if value is None:
+        return None
+    name = "response_format"
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        raise bad_request(
+            f"'{name}' must be an object whose 'type' is one of {list(RESPONSE_FORMATS)}", name
+        )
+    kind = value["type"]
+    if kind == "json_object":
+        return JsonSchema()
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request(f"'{name}.json_schema' must be an object", name)
+        schema = spec.get("schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise bad_request(f"'{name}.json_schema.schema' must be an object", name)
+        return JsonSchema(schema)
+    if kind in ("regex", "grammar"):
+        text = value.get(kind)
+        if not isinstance(text, str) or not text:
+            raise bad_request(f"'{name}.{kind}' must be a non-empty string", name)
+        return Regex(text) if kind == "regex" else Grammar(text)
+    return None
 
 
 def parse_completion(
@@ -289,7 +329,6 @@ def parse_completion(
         _only_default(body, "functions", [None, []], "no tool calling")
         _only_default(body, "tool_choice", [None, "none", "auto"], "no tool calling")
         _only_default(body, "function_call", [None, "none", "auto"], "no tool calling")
-        _only_default(body, "response_format", [None, {"type": "text"}], "text answers only")
         _only_default(body, "modalities", [None, ["text"]], "text answers only")
     else:
         _only_default(body, "echo", [None, False], "the prompt is not echoed")
@@ -339,6 +378,7 @@ def parse_completion(
         "stop": _stop(body),
         "logit_bias": _logit_bias(body, vocab_size),
         "logprobs": top_logprobs,
+        "constraint": _response_format(body),
     }
     options = {k: v for k, v in options.items() if v is not None}
     if chat:

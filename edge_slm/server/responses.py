@@ -13,6 +13,7 @@ import numpy as np
 FINISH_REASONS = {
     "stop_token": "stop",
     "stop_string": "stop",
+    "constraint": "stop",  # the response_format's JSON (regex, grammar) is complete
     "length": "length",
     "context_length": "length",
     # No OpenAI value means "out of time"; like "length", the answer was cut by a limit.

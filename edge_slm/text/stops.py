@@ -41,6 +41,10 @@ class FinishReason(str, Enum):
     """The wall-clock time allowed for the generation ran out."""
     CONTEXT_LENGTH = "context_length"
     """The model's context window is full: no position is left for another token."""
+    CONSTRAINT = "constraint"
+    """The output completes its constraint (JSON schema, regex, grammar) and nothing may
+    follow it. With a constraint, ``CONSTRAINT`` and ``STOP_TOKEN`` are the reasons of a
+    complete, valid output; any other reason means it was cut short."""
 
     def __str__(self) -> str:
         return self.value
