@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import edge_slm
-from edge_slm.bundle import FORMAT_VERSION, MANIFEST_FILE, Manifest, read_bundle
+from edge_slm.bundle import FORMAT_VERSION, MANIFEST_FILE, BundleWarning, Manifest, read_bundle
 
 
 @pytest.fixture()
@@ -71,14 +71,104 @@ def test_a_changed_tokenizer_is_refused(bundle_copy: Path) -> None:
         edge_slm.load(bundle_copy)
 
 
-def test_missing_and_extra_files_are_refused(bundle_copy: Path, tmp_path: Path) -> None:
-    (bundle_copy / "notes.txt").write_text("hello")
-    with pytest.raises(edge_slm.ChecksumError, match="does not list"):
-        edge_slm.load(bundle_copy)
-    (bundle_copy / "notes.txt").unlink()
+def test_unlisted_files_are_ignored_with_a_warning_and_missing_ones_refused(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (bundle_copy / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (bundle_copy / "README.txt").write_text("copied from a USB stick")
+    opened: list[str] = []
+    real_open = open
+
+    def spy(path: object, *args: object, **kwargs: object) -> object:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", spy)
+    with pytest.warns(
+        BundleWarning, match=r"does not list, ignored: \['.DS_Store', 'README.txt'\]"
+    ):
+        model = edge_slm.load(bundle_copy, cache=False)
+    monkeypatch.undo()
+    assert isinstance(model, edge_slm.TextGenerator)
+    assert not [p for p in opened if p.endswith((".DS_Store", "README.txt"))]  # never read
     (bundle_copy / "tokenizer.json").unlink()
     with pytest.raises(edge_slm.ChecksumError, match="missing"):
         edge_slm.load(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("where", "name"),
+    [
+        ("files", "../model.onnx"),
+        ("files", "/etc/passwd"),
+        ("files", "sub/model.onnx"),
+        ("files", "sub\\model.onnx"),
+        ("files", ".."),
+        ("files", "C:model.onnx"),
+        ("files", "model.onnx\x00"),
+        ("checksums", "../outside.bin"),
+        ("checksums", "/tmp/outside.bin"),
+        ("checksums", "a//b"),
+        ("checksums", "manifest.json"),
+    ],
+)
+def test_names_leading_outside_the_bundle_are_refused(
+    bundle_copy: Path, where: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = json.loads((bundle_copy / MANIFEST_FILE).read_text())
+    if where == "files":
+        data["files"]["model"] = name
+        data["checksums"][name] = data["checksums"]["model.onnx"]
+    else:
+        data["checksums"][name] = "0" * 64
+    (bundle_copy / MANIFEST_FILE).write_text(json.dumps(data))
+    opened: list[str] = []
+    real_open = open
+
+    def spy(path: object, *args: object, **kwargs: object) -> object:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", spy)
+    with pytest.raises(edge_slm.BundleError, match="not allowed|not listed|itself"):
+        edge_slm.load(bundle_copy, cache=False)
+    monkeypatch.undo()
+    assert all(p.endswith(MANIFEST_FILE) for p in opened), opened  # nothing else was opened
+
+
+def test_a_symlink_leading_out_is_refused(bundle_copy: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.json"
+    shutil.copyfile(bundle_copy / "tokenizer.json", outside)
+    (bundle_copy / "tokenizer.json").unlink()
+    (bundle_copy / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(edge_slm.BundleError, match="leads outside the bundle"):
+        edge_slm.load(bundle_copy, cache=False)
+    with pytest.raises(edge_slm.BundleError, match="leads outside the bundle"):
+        edge_slm.load(bundle_copy, cache=False, verify=False)
+
+
+def test_external_data_must_be_listed_and_inside(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge_slm.bundle.files import check_external_data, external_data_files
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])
+    weight.data_location = TensorProto.EXTERNAL
+    del weight.float_data[:]
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "8")):
+        weight.external_data.add(key=key, value=value)
+    const = helper.make_node("Constant", [], ["c"], value=weight)
+    graph = helper.make_graph(
+        [const], "g", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])]
+    )
+    path = tmp_path / "model.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    assert external_data_files(path) == ["../secret.bin"]  # found in a Constant node too
+    manifest = type("M", (), {"files": {"model": "model.onnx"}})()
+    with pytest.raises(edge_slm.BundleError, match="not allowed"):
+        check_external_data(tmp_path, manifest, {"model.onnx": "0" * 64})  # type: ignore[arg-type]
+    assert onnx  # the build stage's onnx is a dev dependency of the tests only
 
 
 def test_unknown_keys_and_bad_json_are_refused(bundle_copy: Path) -> None:

@@ -5,6 +5,7 @@
 """
 
 from edge_slm.bundle.files import (
+    BundleWarning,
     bundle_files,
     read_bundle,
     read_manifest,
@@ -29,6 +30,7 @@ from edge_slm.bundle.manifest import (
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
+    "BundleWarning",
     "DecoderIO",
     "EncoderIO",
     "GenerationDefaults",

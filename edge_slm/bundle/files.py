@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from edge_slm.bundle.manifest import MANIFEST_FILE, Manifest
+from edge_slm.bundle import limits
+from edge_slm.bundle.manifest import MANIFEST_FILE, Manifest, check_file_name
 from edge_slm.errors import BundleError, ChecksumError
 
 _HASH_CHUNK = 1 << 22  # 4 MiB
+
+
+class BundleWarning(UserWarning):
+    """Something in a bundle folder is ignored (a file the manifest does not list)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -49,29 +58,109 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     return path
 
 
+def _inside(folder: Path, name: str, where: str) -> Path:
+    """``folder/name`` resolved, refused unless it stays inside ``folder`` (a symlink
+    leading out included)."""
+    root = folder.resolve()
+    path = (root / name).resolve()
+    if root != path and root not in path.parents:
+        raise BundleError(f"{where} {name!r} leads outside the bundle (to {str(path)!r})")
+    return path
+
+
+def check_checksums(checksums: Any) -> dict[str, str]:
+    """The manifest's ``checksums`` object, every name a plain relative path."""
+    if not isinstance(checksums, dict) or not checksums:
+        raise BundleError("manifest has no 'checksums' object")
+    if len(checksums) > limits.MAX_FILES:
+        raise BundleError(f"manifest lists {len(checksums)} files, more than {limits.MAX_FILES}")
+    for name, digest in checksums.items():
+        check_file_name(name, "manifest checksums", nested=True)
+        if name == MANIFEST_FILE:
+            raise BundleError("manifest checksums may not list manifest.json itself")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise BundleError(f"manifest checksum of {name!r} is not a hex sha256: {digest!r}")
+        try:
+            int(digest, 16)
+        except ValueError:
+            raise BundleError(
+                f"manifest checksum of {name!r} is not a hex sha256: {digest!r}"
+            ) from None
+    return cast(dict[str, str], checksums)
+
+
+def _check_sizes(folder: Path, manifest: Manifest) -> None:
+    """Refuse files that are too large by their size alone (before hashing them)."""
+    tokenizer = folder / manifest.files["tokenizer"]
+    try:
+        size = tokenizer.stat().st_size
+    except OSError:
+        return  # missing: said by the checksum check
+    if size > limits.MAX_TOKENIZER_BYTES:
+        raise BundleError(
+            f"bundle tokenizer {manifest.files['tokenizer']!r} has {size} bytes, more than "
+            f"the limit of {limits.MAX_TOKENIZER_BYTES} (edge_slm.bundle.limits)"
+        )
+
+
 def verify_checksums(folder: Path, checksums: Any) -> None:
     """Raise ChecksumError unless every listed file exists with its recorded sha256.
 
-    Files present in the folder but absent from the list are refused too: a bundle is
-    exactly what its manifest says.
+    Names are checked first (plain names inside the folder; a symlink leading out is
+    refused). Files present in the folder but absent from the list are ignored with a
+    :class:`BundleWarning` and never read: a bundle is what its manifest says.
     """
-    if not isinstance(checksums, dict) or not checksums:
-        raise BundleError("manifest has no 'checksums' object")
-    for name, expected in checksums.items():
-        path = (folder / name).resolve()
-        if folder.resolve() not in path.parents:
-            raise BundleError(f"checksum entry {name!r} points outside the bundle")
+    checksums = check_checksums(checksums)
+    for name in checksums:
+        path = _inside(folder, name, "checksum entry")
         if not path.is_file():
             raise ChecksumError(f"bundle file {name!r} is missing")
-        actual = sha256_file(path)
+    for name, expected in checksums.items():
+        actual = sha256_file(_inside(folder, name, "checksum entry"))
         if actual != expected:
             raise ChecksumError(
                 f"bundle file {name!r} is corrupt or was modified: sha256 {actual} "
                 f"!= {expected} recorded in the manifest"
             )
-    extra = sorted(set(bundle_files(folder)) - set(checksums))
+
+
+def warn_unlisted(folder: Path, checksums: dict[str, str]) -> list[str]:
+    """Warn (:class:`BundleWarning`) about files the manifest does not list; they are
+    ignored, never read. Returns their names."""
+    try:
+        extra = sorted(set(bundle_files(folder)) - set(checksums))
+    except OSError:
+        return []
     if extra:
-        raise ChecksumError(f"bundle holds files its manifest does not list: {extra}")
+        shown = extra[:5] + (["..."] if len(extra) > 5 else [])
+        warnings.warn(
+            f"bundle {str(folder)!r} holds files its manifest does not list, ignored: {shown}",
+            BundleWarning,
+            stacklevel=3,
+        )
+    return extra
+
+
+def _depth_ok(text: str, limit: int) -> bool:
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
 
 
 def read_manifest(folder: str | Path) -> tuple[Manifest, dict[str, str]]:
@@ -82,9 +171,23 @@ def read_manifest(folder: str | Path) -> tuple[Manifest, dict[str, str]]:
         raise BundleError(f"bundle folder {str(folder)!r} does not exist")
     if not path.is_file():
         raise BundleError(f"{str(folder)!r} is not a bundle: it has no {MANIFEST_FILE}")
+    _inside(folder, MANIFEST_FILE, "the manifest")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = path.stat().st_size
+        if size > limits.MAX_MANIFEST_BYTES:
+            raise BundleError(
+                f"{path} has {size} bytes, more than the limit of {limits.MAX_MANIFEST_BYTES}"
+            )
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path} is not valid UTF-8: {exc}") from None
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if not _depth_ok(text, limits.MAX_JSON_DEPTH):
+        raise BundleError(f"{path} nests deeper than {limits.MAX_JSON_DEPTH} levels")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BundleError(f"{path} must hold a JSON object")
@@ -94,13 +197,214 @@ def read_manifest(folder: str | Path) -> tuple[Manifest, dict[str, str]]:
     return manifest, cast(dict[str, str], checksums)
 
 
+# ONNX external data: ModelProto.graph (7) -> GraphProto.initializer (5) ->
+# TensorProto.external_data (13) -> StringStringEntryProto key (1) / value (2). A
+# read-only walk over a memory map (the runtime does not depend on onnx).
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _submessages(buf: memoryview, want: int) -> Iterator[memoryview]:
+    pos, end = 0, len(buf)
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise ValueError("truncated protobuf message")
+            if field == want:
+                yield buf[pos : pos + length]
+            pos += length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    if pos > end:
+        raise ValueError("truncated protobuf message")
+
+
+def _tensor_locations(tensor: memoryview, names: list[str]) -> None:
+    for entry in _submessages(tensor, 13):
+        key = b"".join(bytes(k) for k in _submessages(entry, 1))
+        if key == b"location":
+            value = b"".join(bytes(v) for v in _submessages(entry, 2))
+            names.append(value.decode("utf-8"))
+
+
+def _sparse_locations(sparse: memoryview, names: list[str]) -> None:
+    for number in (1, 2):  # SparseTensorProto.values / indices
+        for tensor in _submessages(sparse, number):
+            _tensor_locations(tensor, names)
+
+
+def _node_locations(node: memoryview, names: list[str], depth: int) -> None:
+    for attribute in _submessages(node, 5):  # NodeProto.attribute
+        for tensor in [*_submessages(attribute, 5), *_submessages(attribute, 10)]:
+            _tensor_locations(tensor, names)  # AttributeProto.t / tensors
+        for sparse in [*_submessages(attribute, 22), *_submessages(attribute, 23)]:
+            _sparse_locations(sparse, names)
+        for graph in [*_submessages(attribute, 6), *_submessages(attribute, 11)]:
+            _graph_locations(graph, names, depth + 1)  # If / Loop / Scan bodies
+
+
+def _graph_locations(graph: memoryview, names: list[str], depth: int = 0) -> None:
+    if depth > 32:
+        raise ValueError("subgraphs nest deeper than 32 levels")
+    for tensor in _submessages(graph, 5):  # GraphProto.initializer
+        _tensor_locations(tensor, names)
+    for sparse in _submessages(graph, 15):  # GraphProto.sparse_initializer
+        _sparse_locations(sparse, names)
+    for node in _submessages(graph, 1):  # GraphProto.node (Constant, subgraphs)
+        _node_locations(node, names, depth)
+
+
+def _locations(view: memoryview) -> list[str]:
+    """Every external-data location of a ModelProto: initializers, sparse
+    initializers, node attributes (Constant), subgraphs and functions' nodes."""
+    names: list[str] = []
+    for graph in _submessages(view, 7):  # ModelProto.graph
+        _graph_locations(graph, names)
+    for function in _submessages(view, 25):  # ModelProto.functions
+        for node in _submessages(function, 7):  # FunctionProto.node
+            _node_locations(node, names, 1)
+    return names
+
+
+POSITION_TABLES = ("cos_cache", "sin_cache", "wpe.weight")
+"""Initializers of the fused graphs whose first dimension is the positions they cover."""
+
+
+def _dims(tensor: memoryview) -> tuple[str, list[int]]:
+    name = b"".join(bytes(n) for n in _submessages(tensor, 8)).decode("utf-8", "replace")
+    dims: list[int] = []
+    pos, end = 0, len(tensor)
+    while pos < end:  # TensorProto.dims (1): varints, packed or not
+        tag, pos = _varint(tensor, pos)
+        field, wire = tag >> 3, tag & 7
+        if field == 1 and wire == 0:
+            value, pos = _varint(tensor, pos)
+            dims.append(value)
+        elif field == 1 and wire == 2:
+            length, pos = _varint(tensor, pos)
+            stop = pos + length
+            while pos < stop:
+                value, pos = _varint(tensor, pos)
+                dims.append(value)
+        elif wire == 0:
+            _, pos = _varint(tensor, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, pos = _varint(tensor, pos)
+            pos += length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    return name, dims
+
+
+def _find_dims(view: memoryview, names: tuple[str, ...]) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    for graph in _submessages(view, 7):
+        for tensor in _submessages(graph, 5):
+            name, dims = _dims(tensor)
+            if name in names:
+                found[name] = dims
+    return found
+
+
+def initializer_dims(
+    model_path: Path, names: tuple[str, ...] = POSITION_TABLES
+) -> dict[str, list[int]]:
+    """Shapes of the top-level initializers called ``names`` (read from the protobuf
+    headers through a memory map; raises BundleError if the graph cannot be walked)."""
+    found: dict[str, list[int]] = {}
+    try:
+        with open(model_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                found = _find_dims(view, names)
+            finally:
+                view.release()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(
+            f"bundle graph {model_path.name!r} is not a valid ONNX file: {exc}"
+        ) from None
+    except OSError as exc:
+        raise BundleError(f"bundle graph {model_path.name!r} cannot be read: {exc}") from None
+    return found
+
+
+def external_data_files(model_path: Path) -> list[str]:
+    """The external-data file names a graph's tensors point at (raises BundleError if
+    the graph cannot be walked)."""
+    name = model_path.name
+    try:
+        with open(model_path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise BundleError(f"bundle graph {name!r} is empty")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    names = _locations(view)
+                finally:
+                    view.release()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"bundle graph {name!r} is not a valid ONNX file: {exc}") from None
+    except OSError as exc:
+        raise BundleError(f"bundle graph {name!r} cannot be read: {exc}") from None
+    return sorted(set(names))
+
+
+def check_external_data(folder: Path, manifest: Manifest, checksums: dict[str, str]) -> None:
+    """Every external-data file the graph names is a plain name listed in ``checksums``."""
+    model = manifest.files["model"]
+    for name in external_data_files(_inside(folder, model, "bundle model")):
+        check_file_name(name, f"graph {model!r} external data")
+        if name not in checksums:
+            raise BundleError(
+                f"graph {model!r} reads external data from {name!r}, which the manifest "
+                "does not list with a checksum"
+            )
+        _inside(folder, name, "external data")
+
+
 def read_bundle(folder: str | Path, verify: bool = True) -> Manifest:
-    """Read and validate a bundle's manifest and, if ``verify``, every file's sha256."""
+    """Read and validate a bundle's manifest and, if ``verify``, every file's sha256.
+
+    Whatever ``verify``: every file name stays inside the folder, the files of
+    ``files`` and the graph's external data are listed in ``checksums``, sizes are
+    within :mod:`edge_slm.bundle.limits`, and unlisted files are ignored with a
+    :class:`BundleWarning`.
+    """
     folder = Path(folder)
-    manifest, checksums = read_manifest(folder)
+    manifest, raw = read_manifest(folder)
+    checksums = check_checksums(raw)
+    for role, name in manifest.files.items():
+        if name not in checksums:
+            raise BundleError(f"bundle {role} file {name!r} is not listed in the checksums")
+        if not _inside(folder, name, f"bundle {role} file").is_file():
+            raise ChecksumError(f"bundle {role} file {name!r} is missing")
+    _check_sizes(folder, manifest)
+    warn_unlisted(folder, checksums)
     if verify:
         verify_checksums(folder, checksums)
-    for role, name in manifest.files.items():
-        if not (folder / name).is_file():
-            raise BundleError(f"bundle {role} file {name!r} is missing")
+    check_external_data(folder, manifest, checksums)
     return manifest

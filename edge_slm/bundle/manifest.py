@@ -14,9 +14,13 @@ data only: nothing in it is executed or unpickled.
 
 from __future__ import annotations
 
+import re
+import string
+import types
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, cast
+from typing import Any, Literal, Union, cast, get_args, get_origin, get_type_hints
 
+from edge_slm.bundle import limits
 from edge_slm.errors import BundleError, BundleVersionError
 
 FORMAT_NAME = "edge-slm-bundle"
@@ -37,10 +41,122 @@ def _from_dict(cls: type[Any], data: Any, where: str) -> Any:
         raise BundleError(
             f"manifest field {where!r} has unknown keys {unknown}; allowed: {sorted(names)}"
         )
+    hints = _hints(cls)
+    for name, value in data.items():
+        if not _fits(value, hints[name]):
+            raise BundleError(
+                f"manifest field {where}.{name} must be {_describe(hints[name])}, "
+                f"got {_show(value)}"
+            )
     try:
         return cls(**data)
     except TypeError as exc:
         raise BundleError(f"manifest field {where!r} is incomplete: {exc}") from None
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value matches a manifest field's annotation (no coercion)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, arg) for arg in get_args(tp))
+    if origin is Literal:
+        return any(value == arg and type(value) is type(arg) for arg in get_args(tp))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = get_args(tp)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if origin is dict:
+        key, item = get_args(tp)
+        return isinstance(value, dict) and all(
+            _fits(k, key) and _fits(v, item) for k, v in value.items()
+        )
+    # A nested section: already built (or checked) by its own _from_dict.
+    return isinstance(value, (dict, tp)) if isinstance(tp, type) else True
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_file_name(name: Any, where: str, nested: bool = False) -> str:
+    """A bundle file name, refused (BundleError) unless it stays inside the folder.
+
+    Plain names only (letters, digits, ``.``, ``_``, ``-``; not ``.`` or ``..``); with
+    ``nested``, ``/``-separated plain parts (a checksum entry of a sub-folder file).
+    Never absolute, never ``..``, never a backslash, a drive or a NUL byte.
+    """
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{where}: file name must be a non-empty string, got {_show(name)}")
+    if len(name) > limits.MAX_NAME_LENGTH:
+        raise BundleError(f"{where}: file name is longer than {limits.MAX_NAME_LENGTH}")
+    parts = name.split("/") if nested else [name]
+    for part in parts:
+        if part in ("", ".", "..") or not _PLAIN_NAME.fullmatch(part):
+            sep = "'/'-separated parts of " if nested else ""
+            raise BundleError(
+                f"{where}: file name {_show(name)} is not allowed: only plain names "
+                f"inside the bundle ({sep}letters, digits, '.', '_', '-'; no '..', "
+                "no absolute path, no other path separator)"
+            )
+    return name
+
+
+def _check_template(template: Any, where: str, placeholder: bool) -> None:
+    """A graph I/O name; with ``placeholder``, a template holding ``{layer}`` and no
+    other replacement field, conversion or format spec (no width that allocates)."""
+    if not isinstance(template, str) or not template:
+        raise BundleError(f"manifest field {where} must be a non-empty string")
+    if len(template) > limits.MAX_NAME_LENGTH:
+        raise BundleError(f"manifest field {where} is longer than {limits.MAX_NAME_LENGTH}")
+    if not placeholder:
+        return
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise BundleError(f"manifest field {where} {template!r} is not a template: {exc}") from None
+    found = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
+    if not found or any(f != ("layer", "", None) for f in found):
+        raise BundleError(
+            f"manifest field {where} {template!r} must hold '{{layer}}' and no other "
+            "replacement field, conversion or format spec"
+        )
 
 
 @dataclass(frozen=True)
@@ -259,3 +375,70 @@ class Manifest:
             raise BundleError("a text-classification bundle needs 'labels'")
         if self.context_length <= 0 or self.vocab_size <= 0:
             raise BundleError("context_length and vocab_size must be positive")
+        self._check_limits()
+        self._check_names()
+
+    def _check_limits(self) -> None:
+        """Declared sizes within :mod:`edge_slm.bundle.limits` (before any allocation)."""
+
+        def bound(where: str, value: int | None, high: int, low: int = 1) -> None:
+            if value is not None and not low <= value <= high:
+                raise BundleError(
+                    f"manifest field {where} = {value} is outside [{low}, {high}] "
+                    "(edge_slm.bundle.limits)"
+                )
+
+        bound("context_length", self.context_length, limits.MAX_CONTEXT_LENGTH)
+        bound("vocab_size", self.vocab_size, limits.MAX_VOCAB_SIZE)
+        if self.decoder is not None:
+            bound("decoder.num_layers", self.decoder.num_layers, limits.MAX_LAYERS)
+            bound("decoder.num_kv_heads", self.decoder.num_kv_heads, limits.MAX_KV_HEADS)
+            bound("decoder.head_dim", self.decoder.head_dim, limits.MAX_HEAD_DIM)
+            bound("decoder.max_length", self.decoder.max_length, limits.MAX_CONTEXT_LENGTH)
+        if self.encoder is not None:
+            bound("encoder.hidden_size", self.encoder.hidden_size, limits.MAX_HIDDEN_SIZE)
+        if self.labels is not None:
+            bound("labels (count)", len(self.labels), limits.MAX_LABELS, 0)
+        bound(
+            "special_tokens.eos_token_ids (count)",
+            len(self.special_tokens.eos_token_ids),
+            limits.MAX_EOS_IDS,
+            0,
+        )
+        for tid in [
+            self.special_tokens.bos_token_id,
+            self.special_tokens.pad_token_id,
+            *self.special_tokens.eos_token_ids,
+        ]:
+            bound("special_tokens id", tid, self.vocab_size - 1, 0)
+        for key in ("chat_template",):
+            text = getattr(self, key)
+            if text is not None and len(text) > limits.MAX_CHAT_TEMPLATE_CHARS:
+                raise BundleError(
+                    f"manifest field {key} is longer than {limits.MAX_CHAT_TEMPLATE_CHARS} chars"
+                )
+
+    def _check_names(self) -> None:
+        """File names stay inside the bundle; I/O names are bounded, templates plain."""
+        for role, name in self.files.items():
+            check_file_name(name, f"manifest files.{role}")
+        if self.decoder is not None:
+            io = self.decoder
+            for key in ("past_key", "past_value", "present_key", "present_value"):
+                _check_template(getattr(io, key), f"decoder.{key}", placeholder=True)
+            for key in ("input_ids", "attention_mask", "logits"):
+                _check_template(getattr(io, key), f"decoder.{key}", placeholder=False)
+            for key in ("position_ids", "seqlens_k", "total_sequence_length", "logits_positions"):
+                if getattr(io, key) is not None:
+                    _check_template(getattr(io, key), f"decoder.{key}", placeholder=False)
+            if (
+                len({io.past_key, io.past_value}) != 2
+                or len({io.present_key, io.present_value}) != 2
+            ):
+                raise BundleError("decoder key and value name templates must differ")
+        if self.encoder is not None:
+            io_e = self.encoder
+            for key in ("input_ids", "attention_mask", "output"):
+                _check_template(getattr(io_e, key), f"encoder.{key}", placeholder=False)
+            if io_e.token_type_ids is not None:
+                _check_template(io_e.token_type_ids, "encoder.token_type_ids", placeholder=False)

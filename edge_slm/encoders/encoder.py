@@ -25,6 +25,7 @@ import numpy.typing as npt
 from tokenizers import Encoding, Tokenizer
 
 from edge_slm.bundle import EncoderIO, Manifest
+from edge_slm.bundle.semantics import check_encoder, load_tokenizer
 from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
 
@@ -107,9 +108,10 @@ class EncoderModel:
         self.io: EncoderIO = manifest.encoder
         self.max_length = manifest.context_length
         # The tokenizer before the session: lower peak RSS (see TextGenerator).
-        self.tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
+        self.tokenizer = load_tokenizer(folder / manifest.files["tokenizer"])
         self.session = (options or LoadOptions()).open(folder / manifest.files["model"]).session
         self._check_graph()
+        check_encoder(manifest, self.session, self.tokenizer)
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self._truncating = Tokenizer.from_str(self.tokenizer.to_str())

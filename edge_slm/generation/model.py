@@ -21,6 +21,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, read_manifest, sha256_file
+from edge_slm.bundle.semantics import check_decoder, load_tokenizer
 from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation.backends import Backend, Capacity, make_backend
@@ -52,9 +53,12 @@ class TextGenerator:
         self.manifest = manifest
         # The tokenizer first: parsing tokenizer.json frees heap that the session then
         # reuses; loaded after the session it left ~19 MiB more peak RSS (SmolLM2).
-        self.tokenizer: Tokenizer = Tokenizer.from_file(str(folder / manifest.files["tokenizer"]))
+        self.tokenizer: Tokenizer = load_tokenizer(folder / manifest.files["tokenizer"])
         self.decoder: Decoder = open_decoder(
             folder / manifest.files["model"], manifest.decoder, options
+        )
+        check_decoder(
+            manifest, self.decoder.session, self.tokenizer, folder / manifest.files["model"]
         )
         pad = manifest.special_tokens.pad_token_id or 0
         self.backend: Backend = make_backend(self.decoder, options, pad)
