@@ -393,3 +393,20 @@ def test_without_llguidance_the_error_names_the_extra(
 def test_import_edge_slm_does_not_import_llguidance() -> None:
     code = "import sys, edge_slm; assert 'llguidance' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_threads_share_the_model_and_its_tokenizer(model: Any) -> None:
+    """The LLTokenizer is built once per model; each call's matcher is its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(seed: int) -> str:
+        name = sorted(SCHEMAS)[seed % len(SCHEMAS)]
+        result = run(model, JsonSchema(SCHEMAS[name], compact=True), seed)
+        assert result.finish_reason in COMPLETE
+        jsonschema.validate(json.loads(result.text), SCHEMAS[name])
+        return str(result.text)
+
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(one, range(8)))
+    assert together == [one(seed) for seed in range(8)]
+    assert ll_tokenizer(model) is ll_tokenizer(model)
