@@ -410,3 +410,20 @@ def test_threads_share_the_model_and_its_tokenizer(model: Any) -> None:
         together = list(pool.map(one, range(8)))
     assert together == [one(seed) for seed in range(8)]
     assert ll_tokenizer(model) is ll_tokenizer(model)
+
+
+def test_cli_json_schema_and_regex(
+    bundles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_slm.cli.main import main
+
+    schema_file = tmp_path / "booking.json"
+    schema_file.write_text(json.dumps(SCHEMAS["booking"]))
+    bundle = str(bundles[FAMILY])
+    args = ["--temperature", "1", "--seed", "3", "--max-new-tokens", "100", "--json"]
+    assert main(["generate", bundle, "Book:", "--json-schema", str(schema_file), *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reason"] in ("constraint", "stop_token")
+    jsonschema.validate(json.loads(out["text"]), SCHEMAS["booking"])
+    assert main(["chat", bundle, "Gate?", "--regex", "[A-D][1-9]", *args]) == 0
+    assert re.fullmatch("[A-D][1-9]", json.loads(capsys.readouterr().out)["text"])

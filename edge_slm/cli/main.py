@@ -218,6 +218,21 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, chat: bool) -> No
         action="store_true",
         help="drop the oldest prompt tokens when the prompt is too long for the context",
     )
+    structured = parser.add_argument_group(
+        "structured output (needs edge-slm[structured]; docs/structured-output.md)"
+    ).add_mutually_exclusive_group()
+    structured.add_argument(
+        "--json-schema", metavar="FILE", help="the answer is JSON valid against this schema file"
+    )
+    structured.add_argument(
+        "--json-object", action="store_true", help="the answer is one JSON object"
+    )
+    structured.add_argument(
+        "--regex", metavar="PATTERN", help="the whole answer matches PATTERN (Rust regex syntax)"
+    )
+    structured.add_argument(
+        "--grammar", metavar="FILE", help="the answer is a sentence of this Lark or GBNF grammar"
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--no-stream", action="store_true", help="print the answer at the end, not as it comes"
@@ -331,7 +346,30 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     options["stop"] = tuple(args.stop)
     options["stop_token_ids"] = tuple(args.stop_token_ids)
     options["logit_bias"] = _logit_bias(args.logit_bias)
+    options["constraint"] = _constraint(args)
     return options
+
+
+def _constraint(args: argparse.Namespace) -> Any:
+    """--json-schema / --json-object / --regex / --grammar as a constraint (None: none)."""
+    from edge_slm.errors import InvalidArgumentError
+    from edge_slm.generation.constraints import Grammar, JsonSchema, Regex
+
+    def read(path: str, what: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise InvalidArgumentError(f"cannot read the {what} file {path!r}: {error}") from None
+
+    if getattr(args, "json_schema", None):
+        return JsonSchema(read(args.json_schema, "JSON schema"))
+    if getattr(args, "json_object", False):
+        return JsonSchema()
+    if getattr(args, "regex", None):
+        return Regex(args.regex)
+    if getattr(args, "grammar", None):
+        return Grammar(read(args.grammar, "grammar"))
+    return None
 
 
 def _run_generation(args: argparse.Namespace, chat: bool) -> int:
