@@ -26,6 +26,7 @@ from edge_slm.errors import (
     ChecksumError,
     ConstraintError,
     ContextLengthError,
+    DeadlineError,
     EdgeSlmError,
     InvalidArgumentError,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "ContextLengthError",
     "Conversation",
     "CosineIndex",
+    "DeadlineError",
     "EdgeSlmError",
     "GenerationOptions",
     "GenerationResult",

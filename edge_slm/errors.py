@@ -52,6 +52,16 @@ class BusyError(InvalidArgumentError):
     """
 
 
+class DeadlineError(EdgeSlmError):
+    """The call's ``deadline_s`` passed before a first token could be sampled.
+
+    The prompt is computed in chunks and the deadline is checked between them (and
+    between the options of :meth:`~edge_slm.TextGenerator.choose`); once tokens are
+    being generated, a deadline ends the generation with ``FinishReason.DEADLINE``
+    instead, keeping what was generated.
+    """
+
+
 class ConstraintError(InvalidArgumentError):
     """A generation constraint (JSON schema, regex, grammar) is invalid or unavailable.
 

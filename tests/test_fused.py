@@ -1,4 +1,4 @@
-"""The fused decoder graph (export/fused.py) and its loop (edge_slm/generation/fused_step.py) against transformers.
+"""The fused decoder graph (export/fused_graph.py) and its loop (edge_slm/generation/fused_step.py) against transformers.
 
 Tiny random Llama (grouped-query attention, tied embeddings) and Qwen2 (q/k/v biases,
 untied lm_head): fp32 greedy output token for token, prefix reuse, scoring logits,

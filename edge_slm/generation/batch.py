@@ -18,7 +18,7 @@ import numpy as np
 from edge_slm.generation.backends import FusedBackend
 from edge_slm.generation.chunks import TextChunker
 from edge_slm.generation.kv_slots import KVState
-from edge_slm.generation.loop import SamplingState, fit_context
+from edge_slm.generation.loop import SamplingState, compute_prompt, fit_context
 from edge_slm.generation.options import DecodeConfig
 from edge_slm.generation.plain_step import PlainDecoder
 from edge_slm.generation.results import Chunk, GenerationResult, RunStats, assemble_result
@@ -86,7 +86,7 @@ def _fused(backend: FusedBackend, rows: list[_Row]) -> float:
             backend.begin(state)
             began.append(state)
         tokens = [
-            row.push(backend.extend(state, row.ids)[-1])
+            row.push(compute_prompt(backend, state, row.ids, row.sampling.deadline))
             for row, state in zip(rows, states, strict=True)
         ]
         first_token_at = time.perf_counter()

@@ -14,13 +14,16 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from edge_slm.errors import ContextLengthError, InvalidArgumentError
+from edge_slm.errors import ContextLengthError, DeadlineError, InvalidArgumentError
 from edge_slm.generation.backends import Backend
 from edge_slm.generation.kv_slots import KVState
 from edge_slm.generation.options import DecodeConfig
 from edge_slm.generation.results import RunStats, TokenStep
 from edge_slm.generation.sampling import top_logprobs
 from edge_slm.text.stops import Deadline, FinishReason
+
+PREFILL_CHUNK = 256
+"""Prompt tokens computed per forward (see :func:`compute_prompt`)."""
 
 
 def fit_context(
@@ -92,6 +95,30 @@ class SamplingState:
         return TokenStep(token, logprob, alternatives, reason)
 
 
+def compute_prompt(
+    backend: Backend, state: KVState, prompt_ids: list[int], deadline: Deadline
+) -> np.ndarray:
+    """Run the part of the prompt ``state`` does not hold, in chunks; the last logits.
+
+    Chunks of :data:`PREFILL_CHUNK` tokens keep a long prompt from holding the model
+    (other conversations' decode steps run between chunks) and let the deadline
+    stop it.
+
+    Raises:
+        DeadlineError: the deadline passed before the prompt was computed.
+    """
+    rest = prompt_ids[len(state.tokens) :]
+    logits = np.empty(0, dtype=np.float32)
+    for start in range(0, len(rest), PREFILL_CHUNK):
+        if start and deadline.expired():
+            raise DeadlineError(
+                f"the deadline of {deadline.seconds} s passed while computing the prompt "
+                f"({len(state.tokens)} of {len(prompt_ids)} tokens done)"
+            )
+        logits = backend.extend(state, rest[start : start + PREFILL_CHUNK])[-1]
+    return logits
+
+
 def generate_step(
     backend: Backend,
     state: KVState,
@@ -110,7 +137,7 @@ def generate_step(
     sampling = SamplingState(config, prompt_ids, budget)
     stats.prompt_ids = prompt_ids
     stats.reused_prompt_tokens = len(state.tokens)
-    logits = backend.extend(state, prompt_ids[len(state.tokens) :])[-1]
+    logits = compute_prompt(backend, state, prompt_ids, sampling.deadline)
     while True:
         step = sampling.sample(logits)
         if stats.first_token_at is None:

@@ -191,7 +191,11 @@ class TextGenerator:
         return generate_batch(self, prompts, config)
 
     def choose(
-        self, prompt: str, options: Sequence[str], normalize: bool = False
+        self,
+        prompt: str,
+        options: Sequence[str],
+        normalize: bool = False,
+        deadline_s: float | None = None,
     ) -> list[tuple[str, float]]:
         """Score each option as a continuation of ``prompt``; returns (option, probability).
 
@@ -200,9 +204,10 @@ class TextGenerator:
         long options less). Probabilities are the softmax of the scores over the options,
         so they sum to 1: zero-shot classification with the generative model, e.g.
         routing a kiosk request to one of a few intents. The option's tokens are those
-        that ``prompt + option`` adds to ``prompt``'s tokens.
+        that ``prompt + option`` adds to ``prompt``'s tokens. ``deadline_s`` bounds the
+        call (checked between options; :class:`~edge_slm.errors.DeadlineError`).
         """
-        return choose(self, prompt, options, normalize)
+        return choose(self, prompt, options, normalize, deadline_s)
 
     # ------------------------------------------------------------- prefix caches
     def save_prefix_cache(

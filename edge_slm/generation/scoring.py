@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_slm.errors import ContextLengthError, InvalidArgumentError
+from edge_slm.errors import ContextLengthError, DeadlineError, InvalidArgumentError
 from edge_slm.generation.kv_slots import KVState
+from edge_slm.text.stops import Deadline
 
 if TYPE_CHECKING:
     from edge_slm.generation.model import TextGenerator
@@ -22,7 +23,11 @@ def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
 
 
 def choose(
-    model: TextGenerator, prompt: str, options: Sequence[str], normalize: bool = False
+    model: TextGenerator,
+    prompt: str,
+    options: Sequence[str],
+    normalize: bool = False,
+    deadline_s: float | None = None,
 ) -> list[tuple[str, float]]:
     """Score each option as a continuation of ``prompt``; returns (option, probability).
 
@@ -46,11 +51,17 @@ def choose(
         if len(full) > model.manifest.context_length:
             raise ContextLengthError(f"prompt + option {option!r} exceeds the context")
         encoded.append(full)
+    deadline = Deadline(deadline_s)
     backend, state = model.backend, KVState()
     backend.begin(state)
     try:
-        scores = []
+        scores: list[float] = []
         for full in encoded:
+            if deadline.expired():
+                raise DeadlineError(
+                    f"the deadline of {deadline_s} s passed after scoring {len(scores)} of "
+                    f"{len(encoded)} options"
+                )
             backend.truncate(state, len(context) - 1)
             if len(context) > 1 and len(state.tokens) < len(context) - 1:
                 backend.extend(state, context[:-1])

@@ -13,6 +13,7 @@ from typing import Any
 from edge_slm.errors import (
     CapacityError,
     ContextLengthError,
+    DeadlineError,
     EdgeSlmError,
     InvalidArgumentError,
 )
@@ -68,6 +69,8 @@ def from_runtime_error(exc: EdgeSlmError) -> ApiError:
     """Map a runtime error to its answer: capacity -> 503, bad input -> 400."""
     if isinstance(exc, CapacityError):  # the model's max_sessions all generating
         return busy(str(exc), 503, "capacity_exceeded")
+    if isinstance(exc, DeadlineError):  # the prompt alone took longer than the deadline
+        return busy(str(exc), 503, "deadline_exceeded")
     if isinstance(exc, ContextLengthError):
         return bad_request(str(exc), code="context_length_exceeded")
     if isinstance(exc, InvalidArgumentError):
