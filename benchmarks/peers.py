@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -76,12 +77,70 @@ LLAMA_VENV = PEERS / "llama-venv"
 LLAMA_SRC = PEERS / "llama-src"  # the sdist, unpacked: vendor/llama.cpp for llama-server
 LLAMA_SERVER = PEERS / "llama-server"  # cmake build folder; the binary in bin/
 # the server extra's packages as resolved when this was set up (pip freeze of llama-venv)
-LLAMA_PINS = (f"llama-cpp-python[server]=={LLAMA_VERSION}",)
-# CPU only, tuned to the build machine (-march=native, as a device would build it);
+LLAMA_PINS = (
+    f"llama-cpp-python[server]=={LLAMA_VERSION}",
+    "numpy==2.4.6",
+    "jinja2==3.1.6",
+    "diskcache==5.6.3",
+    "fastapi==0.165.0",
+    "starlette==1.10.0",
+    "uvicorn==0.54.0",
+    "pydantic==2.14.4",
+    "pydantic-settings==2.16.3",
+    "sse-starlette==3.7.0",
+    "starlette-context==0.3.6",
+    "PyYAML==6.0.4",
+)
+# x86 ISA extensions from /proc/cpuinfo -> ggml's switches (GGML_NATIVE=OFF on x86): like
+# -march=native, but AMX stays off. With -march=native ggml builds its AMX kernels, and on
+# this kind of VM (amx_tile/amx_int8 in cpuinfo) they die at the first `tileloadd` with
+# SIGILL (kernel log: "trap invalid opcode ... in libggml-cpu.so"), after "amx repack
+# tensor" at load: the server closes the stream without a word.
+X86_FEATURES = {
+    "GGML_SSE42": ("sse4_2",),
+    "GGML_AVX": ("avx",),
+    "GGML_AVX2": ("avx2",),
+    "GGML_FMA": ("fma",),
+    "GGML_F16C": ("f16c",),
+    "GGML_BMI2": ("bmi2",),
+    "GGML_AVX_VNNI": ("avx_vnni",),
+    "GGML_AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
+    "GGML_AVX512_VBMI": ("avx512vbmi",),
+    "GGML_AVX512_VNNI": ("avx512_vnni",),
+    "GGML_AVX512_BF16": ("avx512_bf16",),
+}
+
+
+def _cpu_args() -> tuple[str, ...]:
+    """ggml's CPU switches for this machine: -march=native (GGML_NATIVE) except on x86,
+    where the features are listed one by one from /proc/cpuinfo and AMX is left out."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ("-DGGML_NATIVE=ON",)
+    try:
+        flags_line = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )  # fmt: skip
+    except (OSError, StopIteration):
+        return ("-DGGML_NATIVE=ON",)
+    have = set(flags_line.split(":", 1)[1].split())
+    return (
+        "-DGGML_NATIVE=OFF",
+        *(
+            f"-D{name}={'ON' if set(needs) <= have else 'OFF'}"
+            for name, needs in X86_FEATURES.items()
+        ),
+        "-DGGML_AMX_TILE=OFF",
+        "-DGGML_AMX_INT8=OFF",
+        "-DGGML_AMX_BF16=OFF",
+    )
+
+
+# CPU only, tuned to the build machine as a device would build it (see _cpu_args);
 # everything not needed to serve a GGUF is off, so nothing is fetched at build time
 LLAMA_CPU_ARGS = (
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DGGML_NATIVE=ON",
+    *_cpu_args(),
     "-DGGML_CUDA=OFF",
     "-DGGML_METAL=OFF",
     "-DGGML_VULKAN=OFF",
@@ -246,7 +305,8 @@ def ensure_llama_venv(venv: Path = LLAMA_VENV, rebuild: bool = False) -> Path:
     env = {**_build_env(), "CMAKE_ARGS": " ".join(LLAMA_CMAKE_ARGS)}
     _run(
         f"pip install llama-cpp-python[server]=={LLAMA_VERSION} (compiles llama.cpp: minutes)",
-        [*pip, "--no-binary", "llama-cpp-python", *LLAMA_PINS],
+        # --no-cache-dir: pip's wheel cache would hand back a wheel built with other flags
+        [*pip, "--no-cache-dir", "--no-binary", "llama-cpp-python", *LLAMA_PINS],
         env=env,
     )
     check = (
