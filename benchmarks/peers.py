@@ -20,8 +20,9 @@ Five things, each built once and reused while its stamp matches:
    the sha256 of the HF folder's files.
 4. ``.cache/peers/llama-venv``: llama-cpp-python with its OpenAI server
    (``llama-cpp-python[server]``, ``LLAMA_PINS``), compiled from its sdist by pip with
-   ``LLAMA_CMAKE_ARGS`` (CPU only, ``GGML_NATIVE``: tuned to this machine's CPU like a
-   device build; no multimodal library). Its server answers one request at a time: every
+   ``LLAMA_CMAKE_ARGS`` (CPU only, tuned to this machine's CPU like a device build:
+   ``GGML_NATIVE`` on ARM, on x86 the ISA extensions /proc/cpuinfo lists but AMX, whose
+   kernels die with SIGILL on these VMs; no multimodal library). Its server answers one request at a time: every
    request takes one global lock (``llama_cpp/server/app.py``, ``get_llama_proxy``), and
    by default a new request even interrupts the one streaming (``--interrupt_requests
    False`` turns that off). It is the peer for one client, not for concurrent ones.
@@ -34,8 +35,9 @@ Five things, each built once and reused while its stamp matches:
 Only pip talks to the network (PyPI, or the machine's configured indexes). A failure
 raises ``PeerError`` naming the step, with pip's or the builder's last lines; run as a
 script it prints that and exits 1. genai: about 3-6 minutes the first time (pip: ~1 GB
-of wheels, torch included; builder: ~1 minute). llama: BUILD_MINUTES_PLACEHOLDER on 2 cores
-(two compiles of ggml and llama.cpp). A second or two afterwards.
+of wheels, torch included; builder: ~1 minute). llama: two compiles of ggml and llama.cpp,
+about 11 CPU-minutes each (pip's took 37 minutes on 2 cores shared with other work).
+A second or two afterwards.
 """
 
 from __future__ import annotations
