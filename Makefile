@@ -13,7 +13,7 @@ ASSETS := .cache/assets
 # torch is pinned: these machines carry the 2.13.0 CPU wheel; an unpinned torch pulls CUDA.
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test test-slow test-browser test-arm64 runtime-check bench peers clean
+.PHONY: setup demo test test-slow test-browser test-arm64 runtime-check bench bench-server bench-concurrency peers clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -95,7 +95,23 @@ runtime-check: demo
 bench: setup $(ASSETS)/.smollm2
 	$(PY) benchmarks/bench_decode.py
 
-# The peers alone (idempotent): bundles/smollm2-hf, .cache/peers/genai-venv, its model.
+# Concurrent clients (1, 2, 4, 8 streamed chat requests of 128 tokens) against
+# `edge-slm serve` and llama.cpp's servers on the same GGUF, 3 interleaved rounds of fresh
+# servers (measuring: about 5 minutes on 2 cores, estimated from short runs; the first run
+# compiles llama.cpp twice into .cache/peers/: ~11 CPU-minutes each, 37 minutes seen on a
+# busy machine). Writes docs/performance-server.md.
+bench-server: demo
+	$(PY) benchmarks/peers.py --only llama
+	$(PY) benchmarks/bench_server.py
+
+# 1, 2 and 4 streams on one loaded model at once against the same generations one after
+# another, every concurrent answer checked against its sequential twin (measuring: about
+# 3 minutes on 2 cores, estimated from short runs). Writes docs/performance-concurrency.md.
+bench-concurrency: demo
+	$(PY) benchmarks/bench_concurrency.py
+
+# The peers alone (idempotent): bundles/smollm2-hf, .cache/peers/genai-venv, its model,
+# llama-cpp-python's venv and llama.cpp's llama-server (`--only genai` or `--only llama`).
 peers: setup $(ASSETS)/.smollm2
 	$(PY) benchmarks/peers.py
 

@@ -171,7 +171,7 @@ def main() -> int:
     parser.add_argument(
         "--modes",
         default="sequential,concurrent",
-        help="comma-separated (sequential alone checks the harness before batching lands)",
+        help="comma-separated: sequential, concurrent (default both; the table needs both)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs/performance-concurrency.md")
     parser.add_argument("--raw-json", type=Path, help="also write every run's numbers here")
