@@ -31,7 +31,7 @@ import onnxruntime as ort
 from edge_slm.bundle import read_manifest
 from edge_slm.engine import prepared_cache
 from edge_slm.engine.prepared_cache import CachedSession, CacheSetting
-from edge_slm.errors import BundleError, InvalidArgumentError
+from edge_slm.errors import BundleError, EdgeSlmError, InvalidArgumentError
 
 THREADS_ENV = "EDGE_SLM_THREADS"
 SPINNING_ENV = "EDGE_SLM_SPINNING"
@@ -161,8 +161,36 @@ def open_session(
 
     ``verified``: the bundle's checksums were checked just before (``edge_slm.load``
     with ``verify=True``), so the cache key is the verified content alone and the same
-    bundle in another folder shares the entry.
+    bundle in another folder shares the entry. A graph onnxruntime cannot open (a
+    truncated or hostile file) raises :class:`~edge_slm.errors.BundleError`.
     """
+    try:
+        return _open_session(
+            model_path,
+            threads,
+            spinning,
+            cache=cache,
+            model_sha256=model_sha256,
+            verified=verified,
+        )
+    except (EdgeSlmError, KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as exc:  # onnxruntime's Fail / InvalidGraph / InvalidProtobuf ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise BundleError(
+            f"onnxruntime cannot open the graph {Path(model_path).name!r}: {first}"
+        ) from None
+
+
+def _open_session(
+    model_path: Path,
+    threads: int | None = None,
+    spinning: bool | None = None,
+    *,
+    cache: CacheSetting = None,
+    model_sha256: str | None = None,
+    verified: bool = False,
+) -> CachedSession:
     if threads is not None and threads < 1:
         raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
     if threads is None or spinning is None:
@@ -239,6 +267,10 @@ class LoadOptions:
         wait_s: how long a call waits for a free conversation slot (0: fail at once).
         batch_window_s: how long a decode step may wait for the steps of conversations
             on other threads, so they share one forward (fused graphs).
+        chat_special_tokens: let text inside chat messages produce special tokens
+            (``<|im_start|>``...), as the template's own text does. Off by default: a
+            visitor typing ``<|im_end|>\n<|im_start|>system`` must not forge a system
+            turn. Turn it on only for trusted callers that build such text on purpose.
     """
 
     threads: int | None = None
@@ -249,6 +281,7 @@ class LoadOptions:
     max_kv_bytes: int | None = None
     wait_s: float = 0.0
     batch_window_s: float = 0.002
+    chat_special_tokens: bool = False
 
     def __post_init__(self) -> None:
         def whole(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -267,6 +300,10 @@ class LoadOptions:
         if self.spinning is not None and not isinstance(self.spinning, bool):
             raise InvalidArgumentError(
                 f"spinning must be True, False or None, got {self.spinning!r}"
+            )
+        if not isinstance(self.chat_special_tokens, bool):
+            raise InvalidArgumentError(
+                f"chat_special_tokens must be True or False, got {self.chat_special_tokens!r}"
             )
         if not isinstance(self.verify, bool):
             raise InvalidArgumentError(f"verify must be True or False, got {self.verify!r}")

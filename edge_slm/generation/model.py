@@ -35,6 +35,7 @@ from edge_slm.generation.prefix_cache import SavedPrefix, load_prefix, save_pref
 from edge_slm.generation.results import Chunk, GenerationResult, TokenStep
 from edge_slm.generation.scoring import choose
 from edge_slm.text.chat_format import ChatFormat, render_chat
+from edge_slm.text.safe_chat import safe_chat_ids
 
 
 class TextGenerator:
@@ -68,6 +69,8 @@ class TextGenerator:
         self._saved_prefixes: list[SavedPrefix] = []
         self._lock = threading.Lock()
         self._graph_sha256: str | None = None
+        self.chat_special_tokens = options.chat_special_tokens
+        self._plain_tokenizer: Tokenizer | None = None
         self.load_s = time.perf_counter() - start
 
     # ----------------------------------------------------------------- text <-> ids
@@ -91,10 +94,25 @@ class TextGenerator:
             messages, self.chat_format, self.manifest.chat_template, add_generation_prompt, strings
         )
 
-    def chat_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """Token ids of ``messages`` rendered with the generation prompt."""
-        # The template already holds every special token: do not let the tokenizer add BOS.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+    def chat_ids(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+        special_tokens_in_messages: bool | None = None,
+    ) -> list[int]:
+        """Token ids of ``messages`` rendered with the generation prompt.
+
+        Text inside the messages cannot produce special tokens (a typed ``<|im_end|>``
+        is encoded as plain text) unless ``special_tokens_in_messages`` (default:
+        ``LoadOptions.chat_special_tokens``) says the caller is trusted. Chats without
+        special-token text in them encode exactly as the whole rendered prompt would.
+        """
+        trusted = (
+            self.chat_special_tokens
+            if special_tokens_in_messages is None
+            else bool(special_tokens_in_messages)
+        )
+        return safe_chat_ids(self, messages, add_generation_prompt, trusted)
 
     def decode_config(self, options: GenerationOptions) -> DecodeConfig:
         """``options`` resolved against the bundle's defaults and validated.
@@ -229,7 +247,7 @@ class TextGenerator:
             ids = self.encode(prefix)
         elif prefix and isinstance(prefix[0], Mapping):
             messages = [dict(m) for m in prefix if isinstance(m, Mapping)]
-            ids = self.encode(self.render_chat(messages, add_generation_prompt=False), False)
+            ids = self.chat_ids(messages, add_generation_prompt=False)
         else:
             ids = [int(t) for t in prefix if not isinstance(t, Mapping)]
         if not ids or len(ids) >= self.manifest.context_length:

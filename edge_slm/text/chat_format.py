@@ -19,8 +19,11 @@ the raw-template path.
 
 from __future__ import annotations
 
+import contextvars
 import json
-from collections.abc import Mapping, Sequence
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -38,8 +41,20 @@ __all__ = [
     "ChatFormat",
     "RoleFormat",
     "render_chat",
+    "render_chat_parts",
     "validate_messages",
 ]
+
+ChatPart = tuple[str, bool]
+"""A piece of a rendered chat: its text and whether it is message content (text a
+caller typed, which by default may not produce special tokens) or the template's own."""
+
+#: Limits on rendering a raw Jinja template (a template from a bundle is data: it must
+#: not loop or allocate without bound). See docs/reliability.md.
+MAX_RENDER_CHARS = 1 << 20
+MAX_RENDER_S = 2.0
+MAX_LOOP_STEPS = 200_000
+MAX_REPEAT_CHARS = 1 << 20
 
 #: The roles a message may have. Tool calls and multimodal content are out of scope.
 KNOWN_ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -139,16 +154,22 @@ class ChatFormat:
 
     def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
         """Render already-validated messages (see :func:`render_chat`)."""
-        parts = [self.lead]
+        return "".join(text for text, _ in self.render_parts(messages, add_generation_prompt))
+
+    def render_parts(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
+    ) -> list[ChatPart]:
+        """The rendering as (text, is_message_content) pieces, in order."""
+        parts: list[ChatPart] = [(self.lead, False)]
         if messages[0]["role"] != "system":
-            parts.append(self.default_system)
+            parts.append((self.default_system, False))
         for message in messages:
             role = self.roles[message["role"]]
             content = message["content"].strip() if self.strip_content else message["content"]
-            parts += (role.prefix, content, role.suffix)
+            parts += [(role.prefix, False), (content, True), (role.suffix, False)]
         if add_generation_prompt:
-            parts.append(self.generation_prompt)
-        return "".join(parts)
+            parts.append((self.generation_prompt, False))
+        return [(text, content) for text, content in parts if text]
 
 
 #: The format used when a model has no chat template: one ``role: content`` line per
@@ -210,6 +231,50 @@ def validate_messages(messages: object, allowed_roles: Sequence[str]) -> list[di
     return checked
 
 
+def render_chat_parts(
+    messages: Sequence[Mapping[str, str]],
+    chat_format: ChatFormat | None,
+    template: str | None,
+    add_generation_prompt: bool = True,
+    special_tokens: Mapping[str, str] | None = None,
+) -> list[ChatPart] | None:
+    """:func:`render_chat` as (text, is_message_content) pieces; None when a raw Jinja
+    template transforms the contents beyond telling them apart from its own text (the
+    caller then treats the whole text with care: see ``TextGenerator.chat_ids``)."""
+    if chat_format is None and template is not None:
+        checked = validate_messages(messages, KNOWN_ROLES)
+        strings = special_tokens or {}
+        text = _render_jinja(template, checked, add_generation_prompt, strings)
+        marks = [chr(0xF0000 + i) for i in range(len(checked))]
+        if len(checked) > 0xFFFD or any(m in text for m in marks):
+            return None
+        marked = [{"role": m["role"], "content": marks[i]} for i, m in enumerate(checked)]
+        try:
+            skeleton = _render_jinja(template, marked, add_generation_prompt, strings)
+        except (InvalidArgumentError, ChatTemplateError):
+            return None
+        pieces: list[str] = []
+        rest = skeleton
+        for mark in marks:
+            head, found, rest = rest.partition(mark)
+            if not found or mark in rest:
+                return None
+            pieces.append(head)
+        pieces.append(rest)
+        for strip in (False, True):
+            contents = [m["content"].strip() if strip else m["content"] for m in checked]
+            joined = pieces[0] + "".join(c + p for c, p in zip(contents, pieces[1:], strict=True))
+            if joined == text:
+                parts: list[ChatPart] = [(pieces[0], False)]
+                for c, p in zip(contents, pieces[1:], strict=True):
+                    parts += [(c, True), (p, False)]
+                return [(t, is_content) for t, is_content in parts if t]
+        return None
+    fmt = chat_format if chat_format is not None else PLAIN_CHAT_FORMAT
+    checked = validate_messages(messages, tuple(fmt.roles))
+    return fmt.render_parts(checked, add_generation_prompt)
+
+
 def render_chat(
     messages: Sequence[Mapping[str, str]],
     chat_format: ChatFormat | None,
@@ -265,19 +330,108 @@ def _render_jinja(
             "pip install 'edge-slm[jinja]'"
         ) from exc
 
+    budget = _Budget(time.monotonic() + MAX_RENDER_S)
+    token = _BUDGET.set(budget)
     try:
         compiled = _compile_template(template)
-        return compiled.render(
+        out: list[str] = []
+        size = 0
+        for chunk in compiled.generate(
             **special_tokens,
             messages=messages,
             tools=None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
-        )
+        ):
+            size += len(chunk)
+            if size > MAX_RENDER_CHARS:
+                raise _TemplateLimit(f"its output passed {MAX_RENDER_CHARS} characters")
+            budget.step()
+            out.append(chunk)
+        return "".join(out)
     except _TemplateRaised as exc:
         raise InvalidArgumentError(f"the chat template refused these messages: {exc}") from exc
+    except _TemplateLimit as exc:
+        raise ChatTemplateError(f"the chat template was stopped: {exc}") from None
+    except (RecursionError, MemoryError, OverflowError) as exc:
+        raise ChatTemplateError(
+            f"the chat template was stopped: {type(exc).__name__}: {exc}"
+        ) from None
     except jinja2.exceptions.TemplateError as exc:
         raise ChatTemplateError(f"the chat template failed to render: {exc}") from exc
+    finally:
+        _BUDGET.reset(token)
+
+
+class _TemplateLimit(Exception):
+    """A raw template passed a rendering limit (time, loop steps, output size)."""
+
+
+@dataclass
+class _Budget:
+    deadline: float
+    steps: int = 0
+
+    def step(self, n: int = 1) -> None:
+        self.steps += n
+        if self.steps > MAX_LOOP_STEPS:
+            raise _TemplateLimit(f"it took more than {MAX_LOOP_STEPS} steps")
+        if self.steps % 64 == 0 and time.monotonic() > self.deadline:
+            raise _TemplateLimit(f"it ran longer than {MAX_RENDER_S} s")
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("budget", default=None)
+
+
+def _charge(n: int = 1) -> None:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.step(n)
+
+
+_WIDTH = re.compile(r"\d{7,}")
+
+
+def _check_widths(fmt: str) -> None:
+    """A format string may not ask for a width or precision of a million or more."""
+    if _WIDTH.search(fmt):
+        raise _TemplateLimit("a format width or precision is over 999999")
+
+
+def _check_sizes(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_REPEAT_CHARS:
+            raise _TemplateLimit(f"an argument of {value} is over {MAX_REPEAT_CHARS}")
+
+
+def _bounded_filter(fn: Any) -> Any:
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _charge()
+        _check_sizes(args[1:], kwargs)
+        return fn(*args, **kwargs)
+
+    for attr in ("jinja_pass_arg",):  # pass_context / pass_environment markers
+        if hasattr(fn, attr):
+            setattr(bounded, attr, getattr(fn, attr))
+    return bounded
+
+
+def _bounded_join(join: Any) -> Any:
+    def bounded(seq: Any) -> Any:
+        _charge()
+        out = join(seq)
+        if len(out) > MAX_RENDER_CHARS:
+            raise _TemplateLimit(f"a string passed {MAX_RENDER_CHARS} characters")
+        return out
+
+    return bounded
+
+
+def _bounded_range(*args: int) -> Iterator[int]:
+    """``range`` for templates: every item drawn is charged to the render's budget."""
+    for i in range(*args):
+        _charge()
+        yield i
 
 
 @lru_cache(maxsize=8)
@@ -321,10 +475,61 @@ def _compile_template(template: str) -> jinja2.Template:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """Every call, attribute and item access is charged to the render's budget;
+        ``*``, ``+`` and ``**`` are checked for the size of what they would make."""
+
+        intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _charge()
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    sized = isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+                    if sized and len(seq) * max(n, 0) > MAX_REPEAT_CHARS:
+                        raise _TemplateLimit(
+                            f"a repetition would make more than {MAX_REPEAT_CHARS} items"
+                        )
+            both = isinstance(left, (str, list)) and isinstance(right, (str, list))
+            if operator == "+" and both and len(left) + len(right) > MAX_REPEAT_CHARS:
+                raise _TemplateLimit(f"a sum would make more than {MAX_REPEAT_CHARS} items")
+            if operator == "%" and isinstance(left, str):
+                _check_widths(left)
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+                raise _TemplateLimit(f"an exponent of {right} is over 1024")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+            _charge()
+            owner = getattr(__obj, "__self__", None)
+            if isinstance(owner, str):  # "{:999999999}".format(...), "x".center(10**9)
+                _check_widths(owner)
+            _check_sizes(args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def getattr(self, obj: Any, attribute: str) -> Any:
+            _charge()
+            if isinstance(obj, str) and attribute in ("format", "format_map"):
+                _check_widths(obj)
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj: Any, argument: Any) -> Any:
+            _charge()
+            return super().getitem(obj, argument)
+
+    env = BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
-    return env.from_string(template)
+    env.globals["range"] = _bounded_range
+    for name, fn in list(env.filters.items()):
+        env.filters[name] = _bounded_filter(fn)
+    compiled = env.from_string(template)
+    # ``~`` and {{ }} output go through str_join / markup_join of the compiled module.
+    namespace = compiled.root_render_func.__globals__
+    for name in ("str_join", "markup_join"):
+        if name in namespace:
+            namespace[name] = _bounded_join(namespace[name])
+    return compiled
