@@ -21,12 +21,14 @@ Needs root (chroot, mount). Run from the repository root: `.venv/bin/python test
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,14 +39,23 @@ SMOLLM2 = "smollm2-135m-instruct-int4-small"
 AARCH64_TAGS = ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")
 
 # Log-probability tolerances (absolute, natural log) between the x86 and the emulated
-# arm64 runs. fp32: MLAS's SGEMM kernels (AVX2/AVX-512 on x86, NEON on ARM) sum in a
-# different order, so results agree to float32 rounding. 4-bit: MatMulNBits picks its
-# kernel by CPU features (on ARM NEON it quantizes activations to int8 blockwise for
-# accuracy_level 4, on x86 it takes another path), so scores differ by more, yet far less
-# than the quantization itself moves them; greedy tokens must agree until a step where
-# the host's two best tokens are within 2 x the tolerance (a near tie either kernel may
-# break), and nothing after such a step is compared.
+# arm64 runs, and why:
+# - fp32: MLAS's SGEMM kernels (AVX2/AVX-512 on x86, NEON on ARM) sum in a different
+#   order, so results agree to float32 rounding (measured: at most 1e-5). Token ids exact.
+# - 4-bit: MatMulNBits (accuracy_level 4) quantizes activations to int8 and picks its
+#   kernel by CPU features (AVX2 or AVX-512 on x86; NEON without the dot-product
+#   instructions on the emulated Cortex-A72, as on a Pi 4: onnxruntime cannot read /sys
+#   in the emulator and says so), and the kernels round differently. Measured: up to
+#   0.035 on SmolLM2 (tolerance 0.1), up to 0.19 on the tiny random models, whose
+#   weights (initializer_range 0.3) give far larger activations than a trained model's
+#   (tolerance 0.25; 4-bit quantization itself moves their first token's log-probability
+#   by 0.3). Greedy tokens must agree until a step where the host's two best tokens are
+#   within 2 x the tolerance (a near tie either kernel may break), and nothing after such a
+#   step is compared. A seeded draw on a 4-bit graph may land on another token once the
+#   probabilities move (the fp32 rows prove the sampler and its random numbers identical):
+#   compared until it does.
 FP32_TOL = 1e-3
+TINY_INT4_TOL = 0.25
 INT4_TOL = 0.1
 ENCODER_TOL = 1e-4  # classifier probabilities and embedding components (fp32 graphs)
 
@@ -137,26 +148,56 @@ def link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
 
 
+@contextlib.contextmanager
+def quiet(log: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (torch's export warnings) to ``log``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with log.open("w") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
 # ---------------------------------------------------------------- 3. the device
 def install(rootfs: Path, work: Path) -> None:
     """The project's wheel and its three runtime dependencies (aarch64, host's versions)."""
     wheels = work / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run(
-        [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
-        check=True,
-    )
+    log = work / "pip.log"
+    with log.open("w") as out:
+        subprocess.run(
+            [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+             str(REPO)],
+            check=True, stdout=out, stderr=out,
+        )  # fmt: skip
     (wheel,) = wheels.glob("edge_slm-*.whl")
     site = rootfs / "opt" / "edge-slm" / "site"
     shutil.rmtree(site, ignore_errors=True)
     pins = [f"{name}=={metadata.version(name)}" for name in ("numpy", "onnxruntime", "tokenizers")]
     platforms = [arg for tag in AARCH64_TAGS for arg in ("--platform", tag)]
-    subprocess.run(
-        [*pip, "install", "-q", "--target", str(site), *platforms, "--only-binary=:all:",
-         "--python-version", "3.11", "--implementation", "cp", str(wheel), *pins],
-        check=True,
-    )  # fmt: skip
+    # Their own dependencies come along (onnxruntime's protobuf, flatbuffers; tokenizers'
+    # huggingface-hub); torch, transformers and the build extra's packages do not.
+    with log.open("a") as out:
+        done = subprocess.run(
+            [*pip, "install", "-q", "--no-warn-conflicts", "--target", str(site), *platforms,
+             "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+             str(wheel), *pins],
+            stdout=out, stderr=out,
+        )  # fmt: skip
+    if done.returncode:
+        print(log.read_text(), file=sys.stderr)
+        raise SystemExit(f"pip failed ({log})")
     # Debian's python3 finds the folder through a .pth file; the console script gets
     # Debian's interpreter (pip wrote the host's).
     dist = rootfs / "usr" / "local" / "lib" / "python3.11" / "dist-packages"
@@ -190,7 +231,8 @@ def run_device(rootfs: Path, args: list[str]) -> None:
         mounted.append(proc)
         subprocess.run(["mount", "--bind", str(cpuinfo), str(proc / "cpuinfo")], check=True)
         mounted.append(proc / "cpuinfo")
-        command = ["chroot", str(rootfs), "/usr/bin/python3", "/opt/edge-slm/check_device.py"]
+        chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+        command = [chroot, str(rootfs), "/usr/bin/python3", "/opt/edge-slm/check_device.py"]
         subprocess.run([*command, *args], check=True, env=env)
     finally:
         for point in reversed(mounted):
@@ -208,7 +250,15 @@ class Comparison:
         if not ok:
             self.failures.append(f"{what}: {detail}")
 
-    def steps(self, what: str, host: list[Any], device: list[Any], tol: float, exact: bool) -> None:
+    def steps(
+        self,
+        what: str,
+        host: list[Any],
+        device: list[Any],
+        tol: float,
+        exact: bool,
+        sampled: bool = False,
+    ) -> None:
         """Token ids equal up to a legitimate near tie; log-probabilities within tol."""
         worst = 0.0
         n = min(len(host), len(device))
@@ -217,13 +267,21 @@ class Comparison:
             if h["id"] != d["id"]:
                 top = host[i]["top"]
                 margin = top[0][1] - top[1][1] if len(top) > 1 else float("inf")
+                if sampled and not exact:
+                    self.row(
+                        what,
+                        worst <= tol,
+                        f"identical for {i} of {len(host)} tokens, then the draw differs "
+                        f"(4-bit: allowed); max |logprob diff| before {worst:.2e} (tol {tol:g})",
+                    )
+                    return
                 tie = not exact and margin <= 2 * tol and d["id"] == top[1][0]
                 self.row(
                     what,
-                    tie,
+                    tie and worst <= tol,
                     f"token {i} of {len(host)} differs ({h['id']} vs {d['id']}); host's top-2 "
-                    f"margin {margin:.4f} {'<=' if tie else '>'} {2 * tol}; logprobs before "
-                    f"within {worst:.2e}",
+                    f"margin {margin:.4f} {'<=' if tie else '>'} {2 * tol:g}; max |logprob "
+                    f"diff| before {worst:.2e} (tol {tol:g})",
                 )
                 return
             worst = max(worst, abs(h["logprob"] - d["logprob"]))
@@ -251,9 +309,9 @@ def compare(host: dict[str, Any], device: dict[str, Any]) -> Comparison:
     for name, h in host["decoders"].items():
         d = device["decoders"][name]
         exact = name.endswith("fp32")
-        tol = FP32_TOL if exact else INT4_TOL
+        tol = FP32_TOL if exact else TINY_INT4_TOL
         c.steps(f"{name} greedy", h["greedy_steps"], d["greedy_steps"], tol, exact)
-        c.steps(f"{name} seeded sampling", h["sampled_steps"], d["sampled_steps"], tol, exact)
+        c.steps(f"{name} seeded sampling", h["sampled_steps"], d["sampled_steps"], tol, exact, True)
         if exact or h["greedy_ids"] == d["greedy_ids"]:
             c.equal(
                 f"{name} stream + stop {h['stop']!r}",
@@ -287,8 +345,11 @@ def main() -> int:
     rootfs = work / "rootfs"
     host_bundles = work / "bundles"
 
-    say("building the tiny test bundles with the build stage (x86)")
-    build_bundles(host_bundles)
+    log = work / "build.log"
+    say(f"building the tiny test bundles with the build stage (x86; log: {log})")
+    work.mkdir(parents=True, exist_ok=True)
+    with quiet(log):
+        build_bundles(host_bundles)
     extra = ["--no-smollm2"] if args.no_smollm2 else []
     if not args.no_smollm2:
         target = smollm2_bundle(args.bundles.resolve(), args.assets.resolve())
