@@ -80,13 +80,18 @@ test-arm64: setup $(ASSETS)/.smollm2
 	$$([ "$$(id -u)" = 0 ] || echo sudo) $(PY) tests/arm64/run.py
 
 # The device's view: a venv with `pip install .` only (numpy, onnxruntime, tokenizers),
-# answering with the demo's smallest 4-bit bundle. Proves no build-stage package is needed.
+# answering with the demo's smallest 4-bit bundle, in a chat and through `edge-slm serve` to
+# the OpenAI client (examples/openai_client.py). Proves no build-stage package is needed.
 runtime-check: demo
 	rm -rf .cache/runtime-venv
 	$(PYTHON) -m venv .cache/runtime-venv
 	.cache/runtime-venv/bin/pip install -q .
 	.cache/runtime-venv/bin/python -c "import importlib.util as u, sys; bad=[m for m in ('torch','transformers','optimum','jinja2') if u.find_spec(m)]; sys.exit(f'unexpected: {bad}' if bad else 0)"
 	cd /tmp && $(CURDIR)/.cache/runtime-venv/bin/edge-slm chat $(CURDIR)/bundles/smollm2-135m-instruct-int4-small "What is the capital of France?" --temperature 0
+	# The server from the same runtime-only venv, answering the official OpenAI client.
+	cd /tmp && { $(CURDIR)/.cache/runtime-venv/bin/edge-slm serve $(CURDIR)/bundles/smollm2-135m-instruct-int4-small --port 8391 & \
+	  pid=$$!; $(CURDIR)/$(PY) $(CURDIR)/examples/openai_client.py --base-url http://127.0.0.1:8391/v1 --expect Paris; \
+	  status=$$?; kill $$pid; wait $$pid; exit $$status; }
 
 # Speed, memory and perplexity side by side with onnxruntime-genai and transformers
 # (measuring: 9 minutes on 2 cores, plus set-up the first time): builds the missing bundles and sets up the peers itself
