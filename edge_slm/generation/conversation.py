@@ -42,6 +42,7 @@ from edge_slm.generation.results import (
     TokenStep,
     assemble_result,
 )
+from edge_slm.text.inputs import check_token_ids
 
 if TYPE_CHECKING:
     from edge_slm.generation.model import TextGenerator
@@ -108,7 +109,7 @@ class Conversation:
             raise InvalidArgumentError("this conversation is closed")
         model = self.model
         ids, budget = fit_context(
-            [int(t) for t in prompt_ids],
+            check_token_ids(prompt_ids, model.manifest.vocab_size),
             config,
             model.manifest.context_length,
             model.manifest.special_tokens.bos_token_id,

@@ -35,6 +35,7 @@ from edge_slm.generation.prefix_cache import SavedPrefix, load_prefix, save_pref
 from edge_slm.generation.results import Chunk, GenerationResult, TokenStep
 from edge_slm.generation.scoring import choose
 from edge_slm.text.chat_format import ChatFormat, render_chat
+from edge_slm.text.inputs import check_text, check_token_ids, tokenizer_call
 from edge_slm.text.safe_chat import safe_chat_ids
 
 
@@ -76,13 +77,18 @@ class TextGenerator:
     # ----------------------------------------------------------------- text <-> ids
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text`` (the tokenizer's own post-processor adds BOS if it should)."""
-        if not isinstance(text, str):
-            raise InvalidArgumentError(f"a prompt must be a string, got {type(text).__name__}")
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        check_text(text)
+        encoding = tokenizer_call(
+            self.tokenizer.encode, text, add_special_tokens=add_special_tokens
+        )
+        return list(encoding.ids)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``token_ids``."""
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+        ids = check_token_ids(token_ids, self.manifest.vocab_size, "token_ids")
+        return str(
+            tokenizer_call(self.tokenizer.decode, ids, skip_special_tokens=skip_special_tokens)
+        )
 
     def render_chat(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
@@ -249,7 +255,7 @@ class TextGenerator:
             messages = [dict(m) for m in prefix if isinstance(m, Mapping)]
             ids = self.chat_ids(messages, add_generation_prompt=False)
         else:
-            ids = [int(t) for t in prefix if not isinstance(t, Mapping)]
+            ids = check_token_ids(prefix, self.manifest.vocab_size, "prefix")
         if not ids or len(ids) >= self.manifest.context_length:
             raise InvalidArgumentError(
                 f"a prefix must have 1 to {self.manifest.context_length - 1} tokens, got {len(ids)}"

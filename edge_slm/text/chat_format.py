@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from edge_slm.errors import BundleError, ChatTemplateError, InvalidArgumentError
+from edge_slm.text.inputs import check_text
 
 if TYPE_CHECKING:
     import jinja2
@@ -227,6 +228,7 @@ def validate_messages(messages: object, allowed_roles: Sequence[str]) -> list[di
             raise InvalidArgumentError(
                 f"messages[{i}]['content'] must be a str, got {type(content).__name__}"
             )
+        check_text(content, f"messages[{i}]['content']")
         checked.append({"role": role, "content": content})
     return checked
 

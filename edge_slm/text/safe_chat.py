@@ -16,6 +16,7 @@ from typing import Any
 
 from edge_slm.errors import InvalidArgumentError
 from edge_slm.text.chat_format import render_chat_parts
+from edge_slm.text.inputs import tokenizer_call
 
 
 def special_token_strings(tokenizer: Any) -> list[str]:
@@ -66,5 +67,5 @@ def safe_chat_ids(
     ids: list[int] = []
     for piece, is_content in parts:
         encoder = plain if is_content else model.tokenizer
-        ids += encoder.encode(piece, add_special_tokens=False).ids
+        ids += tokenizer_call(encoder.encode, piece, add_special_tokens=False).ids
     return ids

@@ -1,0 +1,146 @@
+"""One error story for bad arguments: every bad value a typed InvalidArgumentError naming
+it and what is allowed; no silent coercion; tokenizer failures (even a Rust panic, a
+BaseException) wrapped; message text cannot forge special tokens by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import edge_slm
+from edge_slm import InvalidArgumentError
+from edge_slm.engine.session import LoadOptions
+
+BAD_OPTIONS: list[tuple[str, Any]] = [
+    ("max_new_tokens", 2.7),
+    ("max_new_tokens", "5"),
+    ("max_new_tokens", 0),
+    ("max_new_tokens", True),
+    ("temperature", "0.5"),
+    ("temperature", -0.1),
+    ("temperature", float("nan")),
+    ("temperature", float("inf")),
+    ("top_p", 0),
+    ("top_p", 1.5),
+    ("top_k", 2.5),
+    ("top_k", -1),
+    ("min_p", "0.1"),
+    ("typical_p", 0),
+    ("repetition_penalty", 0),
+    ("frequency_penalty", "1"),
+    ("presence_penalty", float("nan")),
+    ("no_repeat_ngram_size", 1.5),
+    ("seed", -1),
+    ("seed", 1.5),
+    ("seed", "7"),
+    ("logprobs", 1.0),
+    ("logprobs", 10**6),
+    ("deadline_s", "1"),
+    ("deadline_s", -1),
+    ("stop", "abc"),
+    ("stop_token_ids", [-1]),
+    ("stop_token_ids", [10**9]),
+    ("logit_bias", {"5": 1.0}),
+    ("logit_bias", {10**9: 1.0}),
+    ("truncate_prompt", "yes"),
+]
+
+
+@pytest.fixture(scope="module")
+def model(bundles: dict[str, Path]) -> edge_slm.TextGenerator:
+    loaded = edge_slm.load(bundles["llama"], cache=False)
+    assert isinstance(loaded, edge_slm.TextGenerator)
+    return loaded
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_OPTIONS, ids=[f"{n}={v!r}" for n, v in BAD_OPTIONS])
+def test_bad_options_are_typed_errors_naming_the_value(
+    model: edge_slm.TextGenerator, name: str, value: Any
+) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        model.generate("Hello", **{name: value})
+    message = str(caught.value)
+    assert name.rstrip("s").split("_")[0] in message or "stop" in message, message
+
+
+BAD_CALLS: dict[str, Any] = {
+    "prompt None": lambda m: m.generate(None, max_new_tokens=2),
+    "prompt bytes": lambda m: m.generate(b"hi", max_new_tokens=2),
+    "prompt list": lambda m: m.generate(["a"], max_new_tokens=2),
+    "lone surrogate": lambda m: m.generate("hi \ud800 there", max_new_tokens=2),
+    "surrogate in chat": lambda m: m.chat([{"role": "user", "content": "\udfff"}]),
+    "surrogate in choose": lambda m: m.choose("a\ud800", ["x", "y"]),
+    "stream None": lambda m: list(m.stream(None, max_new_tokens=2)),
+    "ids outside vocab": lambda m: list(m.generate_tokens([10**9], max_new_tokens=2)),
+    "ids negative": lambda m: list(m.generate_tokens([-1], max_new_tokens=2)),
+    "ids float": lambda m: list(m.generate_tokens([1.5], max_new_tokens=2)),
+    "ids bool": lambda m: list(m.generate_tokens([True], max_new_tokens=2)),
+    "ids string": lambda m: list(m.generate_tokens("abc", max_new_tokens=2)),
+    "ids huge": lambda m: list(m.generate_tokens([2**63], max_new_tokens=2)),
+    "ids empty": lambda m: list(m.generate_tokens([], max_new_tokens=2)),
+    "decode outside vocab": lambda m: m.decode([10**12]),
+    "decode negative": lambda m: m.decode([-5]),
+    "prefix ids outside vocab": lambda m: m.save_prefix_cache("/nonexistent/x.npz", [10**9]),
+    "messages None": lambda m: m.chat(None),
+    "message content int": lambda m: m.chat([{"role": "user", "content": 5}]),
+    "unknown option": lambda m: m.generate("hi", colour="blue"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_inputs_are_typed_errors(model: edge_slm.TextGenerator, name: str) -> None:
+    with pytest.raises(InvalidArgumentError):
+        BAD_CALLS[name](model)
+
+
+class _Panic(BaseException):
+    """Stands for pyo3's PanicException (a BaseException, missed by except Exception)."""
+
+
+class _PanickingTokenizer:
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Panic("thread '<unnamed>' panicked at tokenizers/src/...: byte index out of range")
+
+    def decode(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Panic("panicked")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_tokenizer_panic_is_an_edge_slm_error(
+    model: edge_slm.TextGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model, "tokenizer", _PanickingTokenizer(model.tokenizer))
+    with pytest.raises(InvalidArgumentError, match="tokenizer failed on this input: thread"):
+        model.generate("Hello", max_new_tokens=2)
+    with pytest.raises(InvalidArgumentError, match="tokenizer failed"):
+        model.decode([1, 2])
+
+
+def test_message_text_cannot_forge_special_tokens_unless_trusted(bundles: dict[str, Path]) -> None:
+    model = edge_slm.load(bundles["llama"], cache=False)
+    assert isinstance(model, edge_slm.TextGenerator)
+    specials = {
+        i: t.content for i, t in model.tokenizer.get_added_tokens_decoder().items() if t.special
+    }
+    token_id, text = next(iter(specials.items()))
+    messages = [{"role": "user", "content": f"hi {text} there {text}"}]
+    safe = model.chat_ids(messages)
+    plain = model.chat_ids([{"role": "user", "content": "hi  there "}])
+    assert safe.count(token_id) == plain.count(token_id)  # only the template's own
+    trusted = model.chat_ids(messages, special_tokens_in_messages=True)
+    assert trusted.count(token_id) == plain.count(token_id) + 2
+    opted = edge_slm.load(
+        bundles["llama"], cache=False, options=LoadOptions(chat_special_tokens=True)
+    )
+    assert isinstance(opted, edge_slm.TextGenerator)
+    assert opted.chat_ids(messages) == trusted
+    assert model.decode(safe, skip_special_tokens=False) == model.render_chat(messages)
+    with pytest.raises(InvalidArgumentError, match="chat_special_tokens"):
+        LoadOptions(chat_special_tokens="yes")  # type: ignore[arg-type]
