@@ -121,3 +121,12 @@ def test_an_unreadable_tokenizer_is_a_bundle_error(plain: Path) -> None:
     manifest, _ = read_manifest(plain)
     write_manifest(plain, manifest)
     _load_fails(plain, "tokenizer 'tokenizer.json' cannot be read")
+
+
+def test_encoder_inputs_with_lone_surrogates_are_typed_errors(classifier: Path) -> None:
+    model = edge_slm.load(classifier, cache=False)
+    assert isinstance(model, edge_slm.TextClassifier)
+    with pytest.raises(edge_slm.InvalidArgumentError, match="lone surrogate"):
+        model.classify("bad \ud800 text")
+    with pytest.raises(edge_slm.InvalidArgumentError, match="second text"):
+        list(model.classify([("fine", "\udfff")]))

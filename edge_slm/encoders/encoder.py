@@ -28,6 +28,8 @@ from edge_slm.bundle import EncoderIO, Manifest
 from edge_slm.bundle.semantics import check_encoder, load_tokenizer
 from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
+from edge_slm.text.inputs import check_text as check_valid_text
+from edge_slm.text.inputs import tokenizer_call
 
 TextInput = str | tuple[str, str]
 Truncation = Literal["error", "warn", "silent"]
@@ -51,10 +53,11 @@ class EncodedBatch:
 def check_text(item: object, index: int) -> TextInput:
     """Return ``item`` as a text or a text pair; InvalidArgumentError otherwise."""
     if isinstance(item, str):
-        return item
+        return check_valid_text(item, f"input {index}")
     if isinstance(item, (tuple, list)):
         if len(item) == 2 and all(isinstance(part, str) for part in item):
-            return (item[0], item[1])
+            first = check_valid_text(item[0], f"input {index} (first text)")
+            return (first, check_valid_text(item[1], f"input {index} (second text)"))
         raise InvalidArgumentError(
             f"input {index} is a {type(item).__name__} of {len(item)} items; a text pair "
             "must be exactly two strings (first, second)"
@@ -156,7 +159,7 @@ class EncoderModel:
         and, per text, whether it was cut. Arguments as in :meth:`encode`."""
         if not texts:
             raise InvalidArgumentError("cannot encode an empty batch")
-        encodings: list[Encoding] = self.tokenizer.encode_batch(list(texts))
+        encodings: list[Encoding] = tokenizer_call(self.tokenizer.encode_batch, list(texts))
         too_long = [i for i, e in enumerate(encodings) if len(e.ids) > self.max_length]
         if too_long:
             first = too_long[0]
@@ -174,7 +177,7 @@ class EncoderModel:
                     TruncationWarning,
                     stacklevel=4,
                 )
-            cut = self._truncating.encode_batch([texts[i] for i in too_long])
+            cut = tokenizer_call(self._truncating.encode_batch, [texts[i] for i in too_long])
             for i, encoding in zip(too_long, cut, strict=True):
                 encodings[i] = encoding
         flags = set(too_long)
