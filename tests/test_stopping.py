@@ -319,6 +319,7 @@ def test_finish_reason_values() -> None:
         "length",
         "deadline",
         "context_length",
+        "constraint",
     }
     assert FinishReason("length") is FinishReason.LENGTH
     as_text: str = FinishReason.STOP_TOKEN  # a str: compares equal to its value
