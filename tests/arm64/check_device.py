@@ -185,6 +185,30 @@ def check_smollm2(path: Path) -> dict[str, Any]:
     }
 
 
+def check_doctor(path: Path) -> dict[str, Any]:
+    """`edge-slm doctor --json` on the device: it sees a Pi 4 and no 32-bit warning."""
+    done = subprocess.run(
+        [edge_slm_command(), "doctor", "--quick", "--no-run", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = json.loads(done.stdout)
+    cpu, bundle = report["cpu"], report["bundle"]
+    assert "Raspberry Pi 4" in cpu["model"], cpu
+    assert report["onnxruntime"]["ok"], report["onnxruntime"]
+    assert bundle["checksums_ok"], bundle
+    messages = [f["message"] for f in report["findings"]]
+    assert not any("32-bit" in m for m in messages), messages
+    return {
+        "cpu": cpu["model"],
+        "machine": cpu["machine"],
+        "memory_needed_bytes": bundle["memory_needed_bytes"],
+        "kv_bytes_per_token": bundle["kv_bytes_per_token"],
+        "findings": messages,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundles", type=Path)
@@ -235,6 +259,8 @@ def main() -> int:
     ]
     if not args.no_smollm2:
         report["smollm2"] = timed("smollm2", check_smollm2, args.bundles / "smollm2")
+        if args.device:
+            report["doctor"] = timed("doctor", check_doctor, args.bundles / "smollm2")
     loaded = sorted(m for m in BUILD_STAGE if m in sys.modules)
     assert not loaded, f"the runtime imported {loaded}"
     args.out.write_text(json.dumps(report, indent=1))

@@ -326,6 +326,14 @@ def compare(host: dict[str, Any], device: dict[str, Any]) -> Comparison:
     c.close("classifier probabilities", enc_h["scores"], enc_d["scores"], ENCODER_TOL)
     c.close("embeddings", enc_h["embeddings"], enc_d["embeddings"], ENCODER_TOL)
     c.equal("edge-slm serve: chat completion", host["server"], device["server"])
+    if "doctor" in device:
+        doctor = device["doctor"]
+        c.row(
+            "edge-slm doctor --json (device only)",
+            True,
+            f"{doctor['cpu']} ({doctor['machine']}); SmolLM2 int4-small needs "
+            f"{doctor['memory_needed_bytes'] / 2**20:.0f} MiB at full context; no 32-bit warning",
+        )
     if "smollm2" in host:
         h, d = host["smollm2"], device["smollm2"]
         c.steps(f"{SMOLLM2} answer", h["steps"], d["steps"], INT4_TOL, exact=False)
