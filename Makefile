@@ -63,11 +63,13 @@ test-browser: setup $(VENV)/.browser
 	$(PY) -m pytest -q -m browser
 
 # The runtime on arm64 (Raspberry Pi OS 64-bit is Debian bookworm arm64) under QEMU, each
-# output compared with the x86 run (tests/arm64/run.py; measured: MINUTES_ARM64 on 2 shared
-# cores when the root file system exists, plus about 6 minutes to build it the first time
-# into .cache/arm64/). Installs qemu-user-static, binfmt-support and debootstrap with
-# apt-get when missing; needs root (chroot, mount). Builds the demo's smallest 4-bit
-# SmolLM2 bundle (bundles/smollm2-135m-instruct-int4-small) if it is missing.
+# output compared with the x86 run (tests/arm64/run.py; measured on 2 shared cores: 4
+# minutes when the root file system and the SmolLM2 bundle exist, 1.5-3 of them emulated;
+# 18 minutes on a fresh clone, with .venv, the SmolLM2 export and quantization and the root
+# file system in .cache/arm64/: 7 minutes, 19 under heavy load). Installs
+# qemu-user-static, binfmt-support and debootstrap with apt-get when missing; needs root
+# (chroot, mount). Builds the demo's smallest 4-bit SmolLM2 bundle
+# (bundles/smollm2-135m-instruct-int4-small) if it is missing.
 test-arm64: setup $(ASSETS)/.smollm2
 	@sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); missing=""; \
 	for p in qemu-user-static binfmt-support debootstrap; do \
