@@ -24,7 +24,7 @@ start=$(date +%s)
 tmp="$root.partial"
 rm -rf "$tmp"
 mkdir -p "$(dirname "$root")"
-echo "arm64 rootfs: debootstrap bookworm arm64 into $tmp (6 minutes on a quiet 2-core machine, 19 measured under load)"
+echo "arm64 rootfs: debootstrap bookworm arm64 into $tmp (measured: 7 minutes on 2 shared cores, 19 under heavy load)"
 debootstrap --arch=arm64 --foreign --variant=minbase --include=python3 \
   bookworm "$tmp" "$mirror" >"$tmp.log" 2>&1 || { tail -20 "$tmp.log"; exit 1; }
 # The second stage runs arm64 binaries: QEMU emulating a Pi 4's Cortex-A72.
