@@ -115,6 +115,7 @@ class Run:
     ready_s: float
     peak_rss_bytes: int
     levels: list[Level]
+    omp_wait_policy: str = "default"
 
 
 def free_port() -> int:
@@ -270,6 +271,15 @@ def run_engine(engine: str, round_: int, args: argparse.Namespace) -> Run:
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / f"{engine}-round{round_}.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    wait = "default"
+    if engine in PEERS:  # llama.cpp's OpenMP threads: our engine's spinning rule
+        env = {k: v for k, v in env.items() if not k.startswith(("OMP_", "GOMP_", "KMP_"))}
+        wait = args.llama_wait
+        if wait == "auto":
+            busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+            wait = "passive" if busy else "default"
+        if wait != "default":
+            env["OMP_WAIT_POLICY"] = wait.upper()
     with log.open("wb") as sink:
         proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -294,7 +304,7 @@ def run_engine(engine: str, round_: int, args: argparse.Namespace) -> Run:
                 file=sys.stderr,
                 flush=True,
             )
-        return Run(engine, round_, ready, peak_rss(proc.pid), levels)
+        return Run(engine, round_, ready, peak_rss(proc.pid), levels, wait)
     finally:
         stop(proc)
 
@@ -379,6 +389,13 @@ def write_table(runs: list[Run], args: argparse.Namespace, loads: tuple[float, f
         "one request at a time (a global lock; the others wait)",
     }
     notes.append("; ".join(how[e] for e in engines) + ".")
+    waits = sorted({r.omp_wait_policy for r in runs if r.engine in PEERS})
+    if waits:
+        notes.append(
+            f"llama.cpp's OpenMP wait policy: {', '.join(waits)} (`--llama-wait "
+            f"{args.llama_wait}`: on a machine already busy, spinning OpenMP workers collapse "
+            "the rate, so they sleep there, as our engine stops spinning)."
+        )
     if flagged:
         notes.append("**Flagged** (token counts not all equal to max_tokens, or errors): "
                      + ", ".join(flagged) + ".")  # fmt: skip
@@ -405,6 +422,13 @@ def main() -> int:
     parser.add_argument("--gguf", type=Path, default=GGUF)
     parser.add_argument(
         "--edge-args", default="", help="more options for `edge-slm serve` (one string)"
+    )
+    parser.add_argument(
+        "--llama-wait",
+        choices=("auto", "default", "passive", "active"),
+        default="auto",
+        help="OMP_WAIT_POLICY of the llama.cpp servers (auto: passive when the load average "
+        "already fills the CPUs, as our engine turns spinning off; else libgomp's default)",
     )
     parser.add_argument("--llama-server", help="a llama-server binary (default: peers.py's)")
     parser.add_argument("--llama-python", help="a python with llama-cpp-python[server]")
