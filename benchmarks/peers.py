@@ -36,7 +36,7 @@ Only pip talks to the network (PyPI, or the machine's configured indexes). A fai
 raises ``PeerError`` naming the step, with pip's or the builder's last lines; run as a
 script it prints that and exits 1. genai: about 3-6 minutes the first time (pip: ~1 GB
 of wheels, torch included; builder: ~1 minute). llama: two compiles of ggml and llama.cpp,
-about 11 CPU-minutes each (pip's took 37 minutes on 2 cores shared with other work).
+9-13 CPU-minutes each (10-37 minutes of wall time on 2 cores shared with other work).
 A second or two afterwards.
 """
 
