@@ -105,8 +105,8 @@ bench: setup $(ASSETS)/.smollm2
 # Concurrent clients (1, 2, 4, 8 streamed chat requests of 128 tokens) against
 # `edge-slm serve` and llama.cpp's servers on the same GGUF, 3 interleaved rounds of fresh
 # servers (measuring: about 5 minutes on 2 cores, estimated from short runs; the first run
-# compiles llama.cpp twice into .cache/peers/: ~11 CPU-minutes each, 37 minutes seen on a
-# busy machine). Writes docs/performance-server.md.
+# compiles llama.cpp twice into .cache/peers/: 9-13 CPU-minutes each, 10-37 minutes of wall
+# time seen on a busy machine). Writes docs/performance-server.md.
 bench-server: demo
 	$(PY) benchmarks/peers.py --only llama
 	$(PY) benchmarks/bench_server.py
