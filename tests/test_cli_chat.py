@@ -76,6 +76,12 @@ class Terminal:
         self.seen = after
         return before
 
+    def wait_for_output(self, timeout: float = 30.0) -> None:
+        """Wait until the child writes something new (kept for the next expect)."""
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        assert ready, f"no output within {timeout} s; output so far: {self.seen!r}"
+        self.seen += os.read(self.master, 4096).decode("utf-8", "replace").replace("\r\n", "\n")
+
     def send(self, text: str) -> None:
         os.write(self.master, text.encode())
 
@@ -157,8 +163,10 @@ def test_interactive_chat_streams_and_keeps_history(terminal: Terminal, tmp_path
 def test_ctrl_c_stops_the_answer_not_the_program(terminal: Terminal, tmp_path: Path) -> None:
     terminal.expect("> ")
     terminal.send("Tell me a long story\n")
-    terminal.expect("Tell me a long story\n")
-    time.sleep(0.5)  # a few slowed pieces have streamed, more are to come
+    terminal.expect(
+        "Tell me a long story\n"
+    )  # the terminal's echo: the chat may not have read it yet
+    terminal.wait_for_output()  # the answer's first piece: the chat is streaming, more to come
     terminal.proc.send_signal(signal.SIGINT)
     terminal.expect("[stopped; this answer is not kept")
     terminal.expect("> ")
