@@ -237,6 +237,10 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = f"edge-slm/{edge_slm.__version__}"
+    # TCP_NODELAY: a streamed token is one small write; with Nagle's algorithm it waits
+    # for the ACK of the previous one (delayed up to 40 ms by the client), so tokens
+    # arrived in bursts and the first one late.
+    disable_nagle_algorithm = True
     server: EdgeSlmServer
 
     def setup(self) -> None:
