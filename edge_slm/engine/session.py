@@ -266,7 +266,8 @@ class LoadOptions:
             limit beyond ``max_sessions`` x the context length.
         wait_s: how long a call waits for a free conversation slot (0: fail at once).
         batch_window_s: how long a decode step may wait for the steps of conversations
-            on other threads, so they share one forward (fused graphs).
+            on other threads, so they share one forward (fused graphs). 5 ms: with 4
+            streams on SmolLM2 2 ms gathered 2.8 steps per forward, 5 ms 3.8 (of 4).
         chat_special_tokens: let text inside chat messages produce special tokens
             (``<|im_start|>``...), as the template's own text does. Off by default: a
             visitor typing ``<|im_end|>\n<|im_start|>system`` must not forge a system
@@ -280,7 +281,7 @@ class LoadOptions:
     max_sessions: int = 8
     max_kv_bytes: int | None = None
     wait_s: float = 0.0
-    batch_window_s: float = 0.002
+    batch_window_s: float = 0.005
     chat_special_tokens: bool = False
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 Every step that touches a fused model's shared KV pool goes through
 :meth:`StepScheduler.submit`. The calling thread queues its request; if no forward is
-running it becomes the leader: it waits a moment (``window_s``, 2 ms by default) for
+running it becomes the leader: it waits a moment (``window_s``, 5 ms by default) for
 the other threads that are decoding right now to queue theirs, takes the whole queue,
 runs it (prefills one by one, then every decode step as one batched forward) and wakes
 the others with their results. The others simply wait for theirs. There is no extra
