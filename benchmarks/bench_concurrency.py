@@ -2,7 +2,7 @@
 
 Usage (from the repository root; ``make bench-concurrency`` runs it on the demo's bundle):
 
-    .venv/bin/python benchmarks/bench_concurrency.py [BUNDLE] [--streams 1,2,4]
+    .venv/bin/python benchmarks/bench_concurrency.py [BUNDLE] [--streams 1,2,4,8]
         [--rounds 3] [--new-tokens 64] [--threads 2] [--out docs/performance-concurrency.md]
 
 For each k and round, two fresh processes (the order alternating round after round, so
@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundles/smollm2-135m-instruct-int4"
+BUNDLE = ROOT / "bundles/smollm2-135m-instruct-int4-small"  # int4-search, the fastest
 MODES = ("sequential", "concurrent")
 # distinct openings (one word each), then the same instruction: equal lengths are checked
 TOPICS = (
@@ -163,7 +163,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path, nargs="?", default=BUNDLE)
     parser.add_argument(
-        "--streams", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 4]
+        "--streams", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 4, 8]
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -59,7 +59,7 @@ import httpx
 import peers  # benchmarks/peers.py: llama.cpp's servers
 from peers import GGUF, ROOT
 
-BUNDLE = ROOT / "bundles/smollm2-135m-instruct-int4"
+BUNDLE = ROOT / "bundles/smollm2-135m-instruct-int4-small"  # int4-search, the fastest
 LOGS = ROOT / ".cache/bench-server"
 EDGE = "edge-slm"
 LLAMA_SERVER = "llama-server"
