@@ -173,8 +173,8 @@ def _built(folder: Path, layout: str | None = None) -> bool:
 def ensure_bundles(variants: dict[str, tuple[Path, str]], torch_row: bool, optimum: bool) -> None:
     """Build the missing bundles: fused fp32 from the GGUF, then each registry variant;
     optimum's plain graph and its int8; the torch rows' HF folder."""
+    from edge_slm.cli.progress import stderr_reporter
     from edge_slm_export.decoder import ExportOptions, export_decoder
-    from edge_slm_export.progress import stderr_reporter
     from edge_slm_quantize.bundle import quantize_bundle
 
     def quantize(src: Path, folder: Path, method: str) -> None:

@@ -36,9 +36,9 @@ def bundle_size(folder: Path) -> int:
 def build(gguf: Path, out: Path, eval_text: Path | None, rebuild: bool) -> dict[str, Path]:
     """Export and quantize (skipped for bundles that already exist and check out)."""
     from edge_slm.bundle import read_bundle
+    from edge_slm.cli.progress import stderr_reporter
     from edge_slm.errors import BundleError
     from edge_slm_export import ExportOptions, export_decoder
-    from edge_slm_export.progress import stderr_reporter
     from edge_slm_quantize.bundle import quantize_bundle
 
     def fresh(folder: Path) -> bool:

@@ -130,8 +130,8 @@ def main() -> int:
 
     import torch
 
+    from edge_slm.cli.progress import stderr_reporter
     from edge_slm_export.encoder import EncoderExportOptions, export_encoder
-    from edge_slm_export.progress import stderr_reporter
     from edge_slm_quantize.encoder import quantize_encoder_bundle
 
     if args.threads:

@@ -7,11 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from edge_slm.cli.progress import stderr_reporter
 from edge_slm.errors import EdgeSlmError
 from edge_slm_export.decoder import DEFAULT_TOLERANCE, ExportOptions, export_decoder
 from edge_slm_export.encoder import DEFAULT_TOLERANCE as ENCODER_TOLERANCE
 from edge_slm_export.encoder import ENCODER_TASKS, EncoderExportOptions, detect_task, export_encoder
-from edge_slm_export.progress import stderr_reporter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

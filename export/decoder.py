@@ -18,10 +18,10 @@ from edge_slm.bundle import (
     SpecialTokens,
     write_manifest,
 )
+from edge_slm.cli.progress import Reporter, silent_reporter, step
 from edge_slm_export.architectures import decoder_architecture
 from edge_slm_export.chat_template import compile_chat_template
 from edge_slm_export.errors import ExportError
-from edge_slm_export.progress import Reporter, silent_reporter, step
 from edge_slm_export.source import LoadedSource, load_source
 from edge_slm_export.validate import validate_decoder
 

@@ -31,12 +31,12 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from edge_slm.bundle import EncoderIO, Manifest, Provenance, SpecialTokens, write_manifest
+from edge_slm.cli.progress import Reporter, silent_reporter, step
 from edge_slm.encoders.encoder import EncoderModel
 from edge_slm_export.architectures import encoder_architecture
 from edge_slm_export.decoder import prepare_output, tool_versions
 from edge_slm_export.errors import ExportError, UnsupportedModelError
 from edge_slm_export.pooling import LinearHead, Pooling, add_pooling
-from edge_slm_export.progress import Reporter, silent_reporter, step
 from edge_slm_export.source import LoadedSource, _folder_sha256, load_source, source_kind
 from edge_slm_export.validate_encoder import validate_encoder
 

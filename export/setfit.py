@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from edge_slm.cli.progress import Reporter, silent_reporter, stderr_reporter
 from edge_slm.errors import EdgeSlmError
 from edge_slm_export.encoder import DEFAULT_TOLERANCE, EncoderExportOptions, export_encoder
 from edge_slm_export.errors import ExportError
 from edge_slm_export.pooling import LinearHead
-from edge_slm_export.progress import Reporter, silent_reporter, stderr_reporter
 
 
 def linear_head(estimator: Any, label_map: Mapping[Any, Any] | None = None) -> LinearHead:

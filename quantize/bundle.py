@@ -21,6 +21,7 @@ import onnx
 from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, Quantization, read_bundle, sha256_file, write_manifest
+from edge_slm.cli.progress import Reporter, silent_reporter, step
 from edge_slm.generation.decoders import open_decoder
 from edge_slm.generation.perplexity import (
     DEFAULT_MAX_TOKENS,
@@ -33,7 +34,6 @@ from edge_slm.generation.perplexity import (
     read_text,
 )
 from edge_slm_export.graph_io import save_graph
-from edge_slm_export.progress import Reporter, silent_reporter, step
 from edge_slm_quantize.errors import AlreadyQuantizedError, QuantizationError
 from edge_slm_quantize.methods import Method, MethodContext, get_method
 from edge_slm_quantize.weight_only import WeightOnlySettings
@@ -156,7 +156,7 @@ def quantize_bundle(
         eval_tokens: tokens of ``eval_text`` to score at most.
         window: tokens per perplexity window (capped by the context length).
         overwrite: replace a non-empty ``out``.
-        report: progress messages (e.g. ``edge_slm_export.progress.stderr_reporter``).
+        report: progress messages (e.g. ``edge_slm.cli.progress.stderr_reporter``).
         gguf_path: method ``gguf``: the GGUF file the bundle was exported from, when it
             is no longer where the provenance says (its sha256 is checked either way).
 

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_slm.bundle import Quantization, read_manifest
+from edge_slm.cli.progress import stderr_reporter
 from edge_slm.errors import EdgeSlmError
 from edge_slm.generation.perplexity import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
-from edge_slm_export.progress import stderr_reporter
 from edge_slm_quantize.bundle import quantize_bundle
 from edge_slm_quantize.methods import ALIASES, METHODS
 

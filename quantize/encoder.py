@@ -40,12 +40,12 @@ from typing import Any
 import numpy as np
 
 from edge_slm.bundle import Manifest, Quantization, read_bundle, sha256_file, write_manifest
+from edge_slm.cli.progress import Reporter, silent_reporter, stderr_reporter, step
 from edge_slm.encoders.classify import TextClassifier
 from edge_slm.encoders.embed import TextEmbedder, normalize_rows
 from edge_slm.encoders.encoder import EncoderModel, TextInput
 from edge_slm.errors import EdgeSlmError
 from edge_slm.text.records import Record, read_records
-from edge_slm_export.progress import Reporter, silent_reporter, stderr_reporter, step
 from edge_slm_quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
 
 ENCODER_METHODS = ("dynamic-int8", "static-int8")

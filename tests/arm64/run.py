@@ -112,8 +112,8 @@ def smollm2_bundle(bundles: Path, assets: Path) -> Path:
     sys.path.insert(0, str(REPO / "examples"))
     from demo import VARIANTS
 
+    from edge_slm.cli.progress import stderr_reporter
     from edge_slm_export import ExportOptions, export_decoder
-    from edge_slm_export.progress import stderr_reporter
     from edge_slm_quantize.bundle import quantize_bundle
 
     say(f"building {target} (examples/demo.py's {VARIANTS['int4-small']} variant)")
