@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="feature-extraction: L2-normalise embeddings (default: as 2_Normalize says)",
     )
     parser.add_argument("--max-length", type=int, help="encoders: cap tokens per input")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickle checkpoints (.bin), which run code when loaded "
+        "(default: safetensors weights only)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
                 opset=args.opset,
                 overwrite=args.overwrite,
                 graph=args.graph,
+                allow_pickle=args.allow_pickle,
             ),
             report=stderr_reporter,
         )
@@ -117,6 +124,7 @@ def _run_encoder(args: argparse.Namespace, task: str) -> int:
                 pooling=args.pooling,
                 normalize=args.normalize,
                 max_length=args.max_length,
+                allow_pickle=args.allow_pickle,
             ),
             report=stderr_reporter,
         )

@@ -41,6 +41,8 @@ class ExportOptions:
     # "fused": the family's build_fused_graph (export/fused_graph.py has the common parts)
     graph: str = "auto"
     overwrite: bool = False
+    # Load pickle checkpoints (.bin) too; off: safetensors only (a pickle runs code).
+    allow_pickle: bool = False
 
 
 def tool_versions() -> dict[str, str]:
@@ -153,7 +155,7 @@ def export_decoder(
     with tempfile.TemporaryDirectory(prefix="edge-slm-export-") as tmp:
         work = Path(tmp)
         with step(report, f"loading {source}"):
-            loaded = load_source(source, work)
+            loaded = load_source(source, work, allow_pickle=options.allow_pickle)
         architecture = decoder_architecture(loaded.model.config.model_type)
         if options.graph not in GRAPHS:
             raise ExportError(f"unknown graph {options.graph!r}; allowed: {list(GRAPHS)}")

@@ -37,7 +37,14 @@ from edge_slm_export.architectures import encoder_architecture
 from edge_slm_export.decoder import prepare_output, tool_versions
 from edge_slm_export.errors import ExportError, UnsupportedModelError
 from edge_slm_export.pooling import LinearHead, Pooling, add_pooling
-from edge_slm_export.source import LoadedSource, _folder_sha256, load_source, source_kind
+from edge_slm_export.source import (
+    LoadedSource,
+    _folder_sha256,
+    load_source,
+    refusal,
+    source_kind,
+    weights_policy,
+)
 from edge_slm_export.validate_encoder import validate_encoder
 
 ENCODER_TASKS = ("text-classification", "feature-extraction")
@@ -56,6 +63,7 @@ class EncoderExportOptions:
         pooling: override the sentence-transformers pooling ("mean" or "cls").
         normalize: override the sentence-transformers normalisation.
         max_length: cap the context length (tokens per input).
+        allow_pickle: load pickle checkpoints (.bin) too; off: safetensors only.
     """
 
     tolerance: float = DEFAULT_TOLERANCE
@@ -64,6 +72,7 @@ class EncoderExportOptions:
     pooling: Pooling | None = None
     normalize: bool | None = None
     max_length: int | None = None
+    allow_pickle: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,7 @@ def sentence_transformer_settings(folder: Path) -> SentenceTransformerSettings:
     return SentenceTransformerSettings(pooling, normalize, int(max_seq) if max_seq else None)
 
 
-def _load_bare_encoder(source: str) -> LoadedSource:
+def _load_bare_encoder(source: str, allow_pickle: bool) -> LoadedSource:
     """Load a bare encoder (AutoModel) in float32 from a folder or hub id."""
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -150,9 +159,14 @@ def _load_bare_encoder(source: str) -> LoadedSource:
     if kind == "gguf":
         raise UnsupportedModelError(f"{source!r}: encoders cannot be exported from GGUF files")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModel.from_pretrained(source, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModel.from_pretrained(
+            source, dtype=torch.float32, **weights_policy(allow_pickle)
+        )
     except (OSError, ValueError, KeyError) as exc:
+        refused = refusal(source, exc, allow_pickle)
+        if refused is not None:
+            raise refused from None
         raise ExportError(f"cannot load {source!r}: {exc}") from exc
     model.eval()
     if kind == "folder":
@@ -288,9 +302,9 @@ def export_encoder(
             work = Path(tmp)
             with step(report, f"loading {source}"):
                 if task == "text-classification" and head is None:
-                    loaded = load_source(source, work, task="text-classification")
+                    loaded = load_source(source, work, "text-classification", options.allow_pickle)
                 else:
-                    loaded = _load_bare_encoder(source)
+                    loaded = _load_bare_encoder(source, options.allow_pickle)
             encoder_architecture(loaded.model.config.model_type)  # refuses unknown families
             graph_task: EncoderTask = "feature-extraction" if head is not None else task
             with step(report, "exporting to ONNX"):

@@ -58,11 +58,34 @@ def _folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def load_source(source: str, work_dir: Path, task: str = "text-generation") -> LoadedSource:
+def weights_policy(allow_pickle: bool) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load only data: never remote code, and
+    safetensors only unless ``allow_pickle`` (a ``.bin``/``.pt`` checkpoint is a pickle,
+    which runs code when loaded)."""
+    return {"trust_remote_code": False, "use_safetensors": None if allow_pickle else True}
+
+
+def refusal(source: str, exc: Exception, allow_pickle: bool) -> ExportError | None:
+    """The error for a source refused because it has pickle weights only, if that is it."""
+    text = str(exc)
+    missing = "does not appear to have" in text or "no file named" in text
+    if not allow_pickle and ".safetensors" in text and missing:
+        return ExportError(
+            f"{source!r} has no safetensors weights, only a pickle checkpoint (.bin), which "
+            "runs code when loaded; convert it to safetensors, or pass --allow-pickle "
+            "(allow_pickle=True) if you trust where it came from"
+        )
+    return None
+
+
+def load_source(
+    source: str, work_dir: Path, task: str = "text-generation", allow_pickle: bool = False
+) -> LoadedSource:
     """Load ``source`` in float32 for export and validation.
 
     A GGUF file is de-quantized by transformers and saved as a HF folder under
-    ``work_dir``; folders and hub ids are exported from where they are.
+    ``work_dir``; folders and hub ids are exported from where they are, from their
+    safetensors weights only unless ``allow_pickle`` (see :func:`weights_policy`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -83,8 +106,10 @@ def load_source(source: str, work_dir: Path, task: str = "text-generation") -> L
             tokenizer.save_pretrained(hf_dir)
             revision, digest = None, sha256_file(path)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = auto.from_pretrained(source, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            model = auto.from_pretrained(
+                source, dtype=torch.float32, **weights_policy(allow_pickle)
+            )
             if kind == "folder":
                 hf_dir = Path(source).resolve()
                 revision, digest = None, _folder_sha256(hf_dir)
@@ -92,6 +117,9 @@ def load_source(source: str, work_dir: Path, task: str = "text-generation") -> L
                 hf_dir = _hub_snapshot(source)
                 revision, digest = getattr(model.config, "_commit_hash", None), None
     except (OSError, ValueError, KeyError) as exc:
+        refused = refusal(source, exc, allow_pickle)
+        if refused is not None:
+            raise refused from None
         if "does not recognize this architecture" in str(exc) or "Unrecognized" in str(exc):
             raise UnsupportedModelError(f"cannot load {source!r}: {exc}") from exc
         raise ExportError(f"cannot load {source!r}: {exc}") from exc

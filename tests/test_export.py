@@ -84,3 +84,22 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
         UnsupportedModelError, match=r"'gpt_neox' is not supported.*\['gpt2', 'llama', 'qwen2'\]"
     ):
         export_decoder(str(tmp_path / "neox"), tmp_path / "out")
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(
+    hf_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A ``.bin`` checkpoint is a pickle (it runs code when loaded): safetensors only by default."""
+    import torch
+    from safetensors.torch import load_file
+
+    source = tmp_path / "pickled"
+    shutil.copytree(hf_models["llama"], source)
+    weights = source / "model.safetensors"
+    torch.save(load_file(weights), source / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ExportError, match="no safetensors weights.*--allow-pickle"):
+        export_decoder(str(source), tmp_path / "refused")
+    assert not (tmp_path / "refused" / "manifest.json").exists()
+    allowed = export_decoder(str(source), tmp_path / "allowed", ExportOptions(allow_pickle=True))
+    assert (allowed / "manifest.json").is_file()
