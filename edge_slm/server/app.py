@@ -44,7 +44,7 @@ from edge_slm.server.registry import (
     Registry,
     ServedModel,
 )
-from edge_slm.server.sse import DONE, ChunkedWriter, ClientGone, client_gone, event
+from edge_slm.server.sse import DONE, ChunkedWriter, ClientGone, client_gone, event, json_bytes
 
 CLIENT_CLOSED = 499
 """Status recorded in the metrics for a request whose client went away (nginx's code)."""
@@ -217,6 +217,30 @@ class EdgeSlmServer(ThreadingHTTPServer):
         )
 
 
+MAX_JSON_DEPTH = 64
+"""Nesting depth of a request body's JSON beyond which it is refused (400)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    """``json.loads`` hook: NaN and Infinity are not JSON."""
+    raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
+
+
+def _json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
 def _refuse_connection(request: socket.socket) -> None:
     body = json.dumps(
         busy("too many open connections; retry later", 503, "too_many_connections").body()
@@ -286,7 +310,7 @@ class Handler(BaseHTTPRequestHandler):
         return status
 
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> int:
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        body = json_bytes(payload)
         return self._send(status, body, "application/json", headers)
 
     def _send_api_error(self, error: ApiError) -> int:
@@ -505,9 +529,15 @@ class Handler(BaseHTTPRequestHandler):
         if len(data) < n:
             raise ClientGone("the body ended early")
         try:
-            return json.loads(data.decode("utf-8"))
+            value = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            value = None  # deeper than Python's stack: refused just below
+        else:
+            if _json_depth(value) <= MAX_JSON_DEPTH:
+                return value
+        raise ApiError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
 
     # ------------------------------------------------------------------ endpoints
     def _models(self, path: str) -> int:

@@ -20,9 +20,17 @@ class ClientGone(Exception):
     """The client closed the connection (or stopped reading past the socket timeout)."""
 
 
+def json_bytes(payload: Any) -> bytes:
+    """``payload`` as UTF-8 JSON; a lone surrogate (echoed from a request) is escaped."""
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(payload).encode("ascii")
+
+
 def event(payload: dict[str, Any]) -> bytes:
     """One SSE event carrying ``payload`` as JSON."""
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    return b"data: " + json_bytes(payload) + b"\n\n"
 
 
 class ChunkedWriter:
