@@ -13,7 +13,7 @@ ASSETS := .cache/assets
 # torch is pinned: these machines carry the 2.13.0 CPU wheel; an unpinned torch pulls CUDA.
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test test-slow test-browser test-arm64 runtime-check bench bench-server bench-concurrency peers clean
+.PHONY: setup demo test test-slow test-soak test-browser test-arm64 runtime-check bench bench-server bench-concurrency peers clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ $(ASSETS)/.encoders: $(VENV)/.installed
 # A missing asset fails a test instead of skipping it.
 test-slow: setup $(ASSETS)/.smollm2 $(ASSETS)/.encoders
 	EDGE_SLM_ASSETS=$(ASSETS) $(PY) -m pytest -q -m slow
+
+# The soak (tests/test_soak.py): 1,000 mixed generations and server requests on a tiny
+# random bundle; prints RSS and latency every 100 requests and checks both stay flat.
+test-soak: setup
+	$(PY) -m pytest -q -s -m soak
 
 # The kiosk page (examples/kiosk) end to end: `edge-slm serve` with a tiny random bundle,
 # the page driven in headless Chromium by selenium. Installs Debian's chromium and
