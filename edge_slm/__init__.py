@@ -36,6 +36,7 @@ from edge_slm.generation.conversation import Conversation
 from edge_slm.generation.model import TextGenerator
 from edge_slm.generation.options import GenerationOptions
 from edge_slm.generation.results import Chunk, GenerationResult, Timings, TokenStep
+from edge_slm.generation.tools import Tool, ToolCall, ToolChatResult, chat_with_tools
 
 __version__ = "0.1.0"
 
@@ -69,7 +70,11 @@ __all__ = [
     "TextGenerator",
     "Timings",
     "TokenStep",
+    "Tool",
+    "ToolCall",
+    "ToolChatResult",
     "TruncationWarning",
+    "chat_with_tools",
     "load",
 ]
 

@@ -351,9 +351,9 @@ def test_errors_through_the_client(client: openai.OpenAI, generators: dict[str, 
         client.chat.completions.create(
             model="tiny",
             messages=MESSAGES,  # type: ignore[arg-type]
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tools=[{"type": "retrieval"}],  # type: ignore[list-item]
         )
-    assert tools.value.param == "tools"
+    assert tools.value.param == "tools"  # function tools: tests/test_tools.py
     with pytest.raises(openai.BadRequestError) as unknown:
         client.chat.completions.create(
             model="tiny",
@@ -449,7 +449,7 @@ def test_status_codes(server: RunningServer) -> None:
         server,
         "POST",
         "/v1/chat/completions",
-        json.dumps({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}).encode(),
+        json.dumps({"model": "tiny", "messages": [{"role": "function", "content": "x"}]}).encode(),
     )
     assert status == 400 and json.loads(body)["error"]["param"] == "messages[0].role"
     # no Content-Length: 411 (chunked bodies are not read)

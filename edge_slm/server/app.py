@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import edge_slm
 from edge_slm.errors import EdgeSlmError
+from edge_slm.generation.tools import Tool, parse_tool_call
 from edge_slm.server import responses, static
 from edge_slm.server.config import DEFAULT_MAX_LIVE, ServerConfig
 from edge_slm.server.errors import ApiError, bad_request, busy, from_runtime_error
@@ -670,10 +671,15 @@ class Handler(BaseHTTPRequestHandler):
                     if request.logprobs
                     else None
                 )
+                message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+                call = _tool_call(request.tools, text, run.stats[job.index].finish_reason)
+                if call is not None:
+                    message.update(content=None, tool_calls=[call.to_openai()])
+                    reason = "tool_calls"
                 choices.append(
                     {
                         "index": job.index,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "message": message,
                         "logprobs": logprobs,
                         "finish_reason": reason,
                     }
@@ -732,6 +738,7 @@ class Handler(BaseHTTPRequestHandler):
             base["usage"] = None
         token_text = responses.TokenText(run.served.model)
         offsets = {job.index: 0 for job in request.jobs}
+        held = {job.index: "" for job in request.jobs}  # with tools: the answer, sent at its end
 
         def send(choice: dict[str, Any]) -> None:
             writer.write(event({**base, "choices": [choice]}))
@@ -768,7 +775,19 @@ class Handler(BaseHTTPRequestHandler):
                 logprobs = (
                     responses.chat_logprobs(chunk.steps, token_text) if request.logprobs else None
                 )
-                if chunk.text or logprobs:
+                if request.tools:  # a call or text: known at the end, sent in one delta
+                    held[index] += chunk.text
+                    if reason is None:
+                        continue
+                    call = _tool_call(request.tools, held[index], str(chunk.finish_reason))
+                    if call is not None:
+                        item = {"index": 0, **call.to_openai()}
+                        delta: dict[str, Any] = {"content": None, "tool_calls": [item]}
+                        reason = "tool_calls"
+                    else:
+                        delta = {"content": held[index]}
+                    send({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
+                elif chunk.text or logprobs:
                     send(
                         {
                             "index": index,
@@ -895,6 +914,14 @@ class _Slot:
 
     def __exit__(self, *exc: object) -> None:
         self.admission.release(1)
+
+
+def _tool_call(tools: tuple[Tool, ...], text: str, finish_reason: str | None) -> Any:
+    """The call a completed answer makes (a ToolCall), or None: no tools, plain text,
+    or an answer cut short (``length``, ``deadline``) that stays text."""
+    if not tools or finish_reason not in ("constraint", "stop_token"):
+        return None
+    return parse_tool_call(text, tools)
 
 
 def _chain(first: list[Any], rest: Any) -> Any:

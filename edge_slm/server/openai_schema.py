@@ -10,7 +10,9 @@ Policy for fields (docs/server.md, "Request fields"):
   (``tools: []``, ``echo: false``, ...);
 * ``response_format`` (``text``, ``json_object``, ``json_schema``, and the extensions
   ``regex`` and ``grammar``) becomes a generation ``constraint``
-  (docs/structured-output.md);
+  (docs/structured-output.md); so do ``tools`` with ``tool_choice``, whose messages
+  (``role: "tool"``, assistant ``tool_calls``) are rendered in the runtime's tool format
+  (edge_slm/generation/tools.py);
 * anything else is refused with a 400 naming the field: a request is never silently
   answered differently from what it asked for.
 """
@@ -22,7 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation.constraints import Constraint, Grammar, JsonSchema, Regex
+from edge_slm.generation.tools import Tool, parse_tools, tool_constraint, tool_messages
 from edge_slm.server.errors import ApiError, bad_request
 
 IGNORED = frozenset(
@@ -43,7 +47,7 @@ EXTENSIONS = ("top_k", "min_p", "typical_p", "repetition_penalty")
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class CompletionRequest:
     top_logprobs: int
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tools: tuple[Tool, ...] = ()
+    """The tools whose calls the answers are parsed for (empty: none, or ``tool_choice``
+    is ``"none"``)."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +221,7 @@ def _content(message: Mapping[str, Any], index: int) -> str:
     )
 
 
-def _messages(body: Mapping[str, Any]) -> tuple[dict[str, str], ...]:
+def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     value = body.get("messages")
     if not isinstance(value, list) or not value:
         raise bad_request("'messages' must be a non-empty list", "messages")
@@ -228,13 +235,47 @@ def _messages(body: Mapping[str, Any]) -> tuple[dict[str, str], ...]:
                 f"messages[{i}]: role {role!r} is not supported; allowed: {', '.join(ROLES)}",
                 f"messages[{i}].role",
             )
-        if message.get("tool_calls") or message.get("function_call"):
-            raise bad_request(f"messages[{i}]: tool calls are not supported", f"messages[{i}]")
+        if message.get("function_call"):
+            raise bad_request(
+                f"messages[{i}]: 'function_call' is not supported (use 'tool_calls')",
+                f"messages[{i}]",
+            )
+        calls = message.get("tool_calls")
+        if calls and role != "assistant":
+            raise bad_request(
+                f"messages[{i}]: only assistant messages carry 'tool_calls'", f"messages[{i}]"
+            )
         # OpenAI's "developer" role is the system role of newer models.
-        out.append(
-            {"role": "system" if role == "developer" else role, "content": _content(message, i)}
-        )
-    return tuple(out)
+        plain: dict[str, Any] = {"role": "system" if role == "developer" else role}
+        if calls or (role == "assistant" and message.get("content") is None):
+            plain["content"] = "" if message.get("content") is None else _content(message, i)
+        else:
+            plain["content"] = _content(message, i)
+        if calls:
+            plain["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if role == "tool" and isinstance(message.get(key), str):
+                plain[key] = message[key]
+        out.append(plain)
+    return out
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[tuple[Tool, ...], Any]:
+    """``tools`` and ``tool_choice`` (OpenAI's shapes), validated."""
+    value, choice = body.get("tools"), body.get("tool_choice")
+    if not value:
+        if choice not in (None, "none", "auto"):
+            raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
+        return (), None
+    try:
+        tools = parse_tools(value)
+    except InvalidArgumentError as error:
+        raise bad_request(str(error), "tools") from None
+    try:
+        tool_constraint(tools, choice)  # checks the choice
+    except InvalidArgumentError as error:
+        raise bad_request(str(error), "tool_choice") from None
+    return tools, "auto" if choice is None else choice
 
 
 def _prompts(body: Mapping[str, Any]) -> tuple[str, ...]:
@@ -325,10 +366,8 @@ def parse_completion(
     """Validate a chat or text completion body; ``vocab_size`` bounds ``logit_bias``."""
     _check_unknown(body, _CHAT_FIELDS if chat else _COMPLETION_FIELDS)
     if chat:
-        _only_default(body, "tools", [None, []], "no tool calling")
-        _only_default(body, "functions", [None, []], "no tool calling")
-        _only_default(body, "tool_choice", [None, "none", "auto"], "no tool calling")
-        _only_default(body, "function_call", [None, "none", "auto"], "no tool calling")
+        _only_default(body, "functions", [None, []], "use 'tools'")
+        _only_default(body, "function_call", [None, "none", "auto"], "use 'tool_choice'")
         _only_default(body, "modalities", [None, ["text"]], "text answers only")
     else:
         _only_default(body, "echo", [None, False], "the prompt is not echoed")
@@ -381,8 +420,24 @@ def parse_completion(
         "constraint": _response_format(body),
     }
     options = {k: v for k, v in options.items() if v is not None}
+    tools: tuple[Tool, ...] = ()
     if chat:
-        messages = _messages(body)
+        tools, choice = _tools(body)
+        try:
+            messages = tuple(tool_messages(_messages(body), tools, choice))
+        except InvalidArgumentError as error:
+            raise bad_request(str(error), "messages") from None
+        calls = tool_constraint(tools, choice) if tools else None
+        if calls is not None:
+            if "constraint" in options:
+                raise bad_request(
+                    "'response_format' cannot be combined with 'tools' (use tool_choice "
+                    "'none' for a formatted answer)",
+                    "response_format",
+                )
+            options["constraint"] = calls
+        else:
+            tools = ()
         jobs = tuple(Job(i, i, messages=messages) for i in range(n))
     else:
         prompts = _prompts(body)
@@ -400,6 +455,7 @@ def parse_completion(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         seed=seed,
+        tools=tools,
     )
 
 
