@@ -328,3 +328,11 @@ def test_server_bad_tools_are_a_400(
     assert words in error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_tools_go_in_the_first_user_message_without_a_system_role() -> None:
+    plain = tool_messages(MESSAGES, parse_tools(TOOLS), "required", system_role=False)
+    assert [m["role"] for m in plain] == ["user"]
+    assert plain[0]["content"].startswith("You can call these tools")
+    assert plain[0]["content"].endswith(MESSAGES[0]["content"])
+    assert MESSAGES[0]["content"] == "Where does BA123 leave from?"  # the input is not changed

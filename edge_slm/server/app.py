@@ -575,7 +575,12 @@ class Handler(BaseHTTPRequestHandler):
         model = served.model
         manifest = model.manifest
         request = parse_completion(
-            body, chat=chat, vocab_size=manifest.vocab_size, max_n=app.admission.max_live
+            body,
+            chat=chat,
+            vocab_size=manifest.vocab_size,
+            max_n=app.admission.max_live,
+            system_role=getattr(model, "chat_format", None) is None
+            or "system" in model.chat_format.roles,
         )
         if len(request.jobs) > app.admission.max_live:
             raise bad_request(

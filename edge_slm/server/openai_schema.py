@@ -361,9 +361,11 @@ def _response_format(body: Mapping[str, Any]) -> Constraint | None:
 
 
 def parse_completion(
-    body: Mapping[str, Any], *, chat: bool, vocab_size: int, max_n: int
+    body: Mapping[str, Any], *, chat: bool, vocab_size: int, max_n: int, system_role: bool = True
 ) -> CompletionRequest:
-    """Validate a chat or text completion body; ``vocab_size`` bounds ``logit_bias``."""
+    """Validate a chat or text completion body; ``vocab_size`` bounds ``logit_bias``;
+    ``system_role``: the model's chat format has one (else tools are described in the
+    first user message)."""
     _check_unknown(body, _CHAT_FIELDS if chat else _COMPLETION_FIELDS)
     if chat:
         _only_default(body, "functions", [None, []], "use 'tools'")
@@ -424,7 +426,7 @@ def parse_completion(
     if chat:
         tools, choice = _tools(body)
         try:
-            messages = tuple(tool_messages(_messages(body), tools, choice))
+            messages = tuple(tool_messages(_messages(body), tools, choice, system_role))
         except InvalidArgumentError as error:
             raise bad_request(str(error), "messages") from None
         calls = tool_constraint(tools, choice) if tools else None
