@@ -1,7 +1,13 @@
 """Tool calls: the model picks one of several tools (OpenAI's function schema) and its
 arguments, constrained so that the call always parses and validates.
 
-The format is the same for every bundle (docs/structured-output.md, "Tool calls"):
+When the bundle's raw chat template supports tools in the ``<tool_call>`` format
+(Qwen2.5's, Hermes'; :func:`~edge_slm.text.chat_format.template_supports_tools`), the
+chat is rendered by that template with its ``tools`` variable (as transformers'
+``apply_chat_template(messages, tools=tools)`` renders it; needs jinja2), and a call is
+``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``, the syntax the model
+was trained on. Otherwise (SmolLM2's template, or ``tool_format="plain"``) the plain
+format is used, the same for every bundle (docs/structured-output.md, "Tool calls"):
 
 * the tools are described in the system message (:func:`tool_prompt`): one JSON line
   per tool, and how to call one;
@@ -23,6 +29,7 @@ call, like any other constraint.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation.constraints import Constraint, Grammar, JsonSchema
+from edge_slm.generation.options import GenerationOptions
+from edge_slm.text.chat_format import render_chat_with_tools, template_supports_tools
+from edge_slm.text.inputs import check_text
+from edge_slm.text.safe_chat import special_token_strings
 from edge_slm.text.stops import FinishReason
 
 if TYPE_CHECKING:
@@ -44,16 +55,28 @@ __all__ = [
     "chat_with_tools",
     "parse_tool_call",
     "parse_tools",
+    "template_messages",
+    "template_tools",
     "tool_constraint",
     "tool_messages",
 ]
 
 TOOL_CHOICES = ("none", "auto", "required")
+TOOL_FORMATS = ("auto", "template", "plain")
+CALL_OPEN, CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
+"""The template format's call markers (Qwen2.5's template, Hermes' format)."""
 COMPLETE = (FinishReason.CONSTRAINT, FinishReason.STOP_TOKEN)
 CALL_JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": "[ ]?"}
 """A call's JSON allows at most one space between two JSON tokens (``{"name": "f"}``,
 as the prompt shows it, or ``{"name":"f"}``): a small model cannot spend its token
 budget on whitespace inside a call."""
+TEMPLATE_CALL_JSON_OPTIONS = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+"""In a template's ``<tool_call>`` format the call's JSON is spaced exactly as the
+template writes earlier calls (``tojson``: ``{"name": "f", "arguments": {"a": 1}}``)."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +187,9 @@ def _chosen(tools: Sequence[Tool], tool_choice: object) -> tuple[str, tuple[Tool
     )
 
 
-def _call_schema(tools: Sequence[Tool]) -> dict[str, Any]:
+def _call_schema(
+    tools: Sequence[Tool], options: Mapping[str, Any] = CALL_JSON_OPTIONS
+) -> dict[str, Any]:
     calls = [
         {
             "type": "object",
@@ -175,22 +200,33 @@ def _call_schema(tools: Sequence[Tool]) -> dict[str, Any]:
         for t in tools
     ]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return {**schema, "x-guidance": CALL_JSON_OPTIONS}
+    return {**schema, "x-guidance": dict(options)}
 
 
-def tool_constraint(tools: Sequence[Tool], tool_choice: object = "auto") -> Constraint | None:
+def tool_constraint(
+    tools: Sequence[Tool], tool_choice: object = "auto", tagged: bool = False
+) -> Constraint | None:
     """The constraint for ``tool_choice``: None for ``"none"``; a :class:`JsonSchema`
     (a call to one of the allowed tools) for ``"required"`` or a named function; for
     ``"auto"`` a Lark :class:`Grammar`: a call, or text whose first character is not
-    ``{``."""
+    ``{``. With ``tagged`` (a template's own tool format), the call is wrapped as
+    ``<tool_call>\n<call JSON>\n</tool_call>`` (a Lark grammar), and ``"auto"``'s text
+    may not start with ``<``."""
     kind, allowed = _chosen(tools, tool_choice)
     if kind == "none":
         return None
-    schema = _call_schema(allowed)
-    if kind == "required":
-        return JsonSchema(schema)
+    schema = _call_schema(allowed, TEMPLATE_CALL_JSON_OPTIONS if tagged else CALL_JSON_OPTIONS)
     embedded = json.dumps(schema)
-    return Grammar(f"start: call | TEXT\ncall: %json {embedded}\nTEXT: /[^{{][\\s\\S]*/\n")
+    if not tagged:
+        if kind == "required":
+            return JsonSchema(schema)
+        return Grammar(f"start: call | TEXT\ncall: %json {embedded}\nTEXT: /[^{{][\\s\\S]*/\n")
+    call = (
+        f"tagged: {json.dumps(CALL_OPEN)} call {json.dumps(CALL_CLOSE)}\ncall: %json {embedded}\n"
+    )
+    if kind == "required":
+        return Grammar(f"start: tagged\n{call}")
+    return Grammar(f"start: tagged | TEXT\n{call}TEXT: /[^<][\\s\\S]*/\n")
 
 
 def tool_prompt(tools: Sequence[Tool], tool_choice: object = "auto") -> str:
@@ -282,9 +318,103 @@ def tool_messages(
     return out
 
 
-def parse_tool_call(text: str, tools: Sequence[Tool]) -> ToolCall | None:
-    """The call ``text`` makes (a JSON object naming one of ``tools``), else None."""
+def template_tools(tools: object, parsed: Sequence[Tool]) -> list[dict[str, Any]]:
+    """The ``tools`` variable of a chat template: OpenAI's tool dicts as the caller gave
+    them (as transformers passes them), :class:`Tool` objects in that shape."""
+    given = list(tools) if isinstance(tools, (list, tuple)) else []
+    out: list[dict[str, Any]] = []
+    for item, tool in zip(given, parsed, strict=True):
+        if isinstance(item, Mapping):
+            out.append(dict(item))
+            continue
+        spec = {"name": tool.name, "description": tool.description}
+        out.append({"type": "function", "function": {**spec, "parameters": dict(tool.parameters)}})
+    return out
+
+
+def template_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI-style messages checked and shaped for a chat template with tool support
+    (what transformers' ``apply_chat_template`` expects): ``system``, ``user``,
+    ``assistant`` (optionally with ``tool_calls``, whose JSON-text ``arguments`` become
+    objects) and ``tool`` messages (``content``, with ``tool_call_id``/``name`` kept)."""
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidArgumentError(f"messages[{i}] must be a dict")
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise InvalidArgumentError(
+                f"messages[{i}]['role'] is {role!r}; with tools the roles are "
+                "'system', 'user', 'assistant' and 'tool'"
+            )
+        calls = message.get("tool_calls")
+        if content is None and not (role == "assistant" and calls):
+            content = ""
+        if content is not None:
+            check_text(content, f"messages[{i}]['content']")
+        shaped: dict[str, Any] = {"role": role, "content": content}
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(message.get(key), str):
+                    shaped[key] = message[key]
+        elif calls:
+            if role != "assistant" or not isinstance(calls, list):
+                raise InvalidArgumentError(
+                    f"messages[{i}]['tool_calls'] must be a list, on an assistant message"
+                )
+            shaped["tool_calls"] = [_template_call(i, call) for call in calls]
+        out.append(shaped)
+    if not out:
+        raise InvalidArgumentError("messages must contain at least one message, got []")
+    return out
+
+
+def _template_call(i: int, call: object) -> dict[str, Any]:
+    spec = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise InvalidArgumentError(
+            f"messages[{i}]: a tool call needs 'function': {{'name', 'arguments'}}"
+        )
+    arguments = json.loads(_call_text(spec["name"], spec.get("arguments") or {}))["arguments"]
+    assert isinstance(call, Mapping)
+    shaped: dict[str, Any] = {"type": "function"}
+    if isinstance(call.get("id"), str):
+        shaped["id"] = call["id"]
+    shaped["function"] = {"name": spec["name"], "arguments": arguments}
+    return shaped
+
+
+def _uses_template(model: object, tool_format: object) -> str | None:
+    """The raw chat template to render tools with, or None for the plain format."""
+    if tool_format not in TOOL_FORMATS:
+        raise InvalidArgumentError(
+            f"tool_format must be one of {list(TOOL_FORMATS)}, got {tool_format!r}"
+        )
+    template = getattr(getattr(model, "manifest", None), "chat_template", None)
+    supported = isinstance(template, str) and template_supports_tools(template)
+    if tool_format == "plain":
+        return None
+    if tool_format == "template":
+        if not supported:
+            raise InvalidArgumentError(
+                "tool_format='template': this bundle's chat template does not render "
+                "tools in the <tool_call> format"
+            )
+        return template
+    if supported and importlib.util.find_spec("jinja2") is not None:
+        return template
+    return None
+
+
+def parse_tool_call(text: str, tools: Sequence[Tool], tagged: bool = False) -> ToolCall | None:
+    """The call ``text`` makes (a JSON object naming one of ``tools``; with ``tagged``,
+    inside ``<tool_call>`` ... ``</tool_call>``), else None."""
     stripped = text.strip()
+    if tagged:
+        head, tail = CALL_OPEN.strip(), CALL_CLOSE.strip()
+        if not (stripped.startswith(head) and stripped.endswith(tail)):
+            return None
+        stripped = stripped[len(head) : -len(tail)].strip()
     if not stripped.startswith("{"):
         return None
     try:
@@ -303,6 +433,7 @@ def chat_with_tools(
     messages: Sequence[Mapping[str, Any]],
     tools: object,
     tool_choice: object = "auto",
+    tool_format: str = "auto",
     **options: Any,
 ) -> ToolChatResult:
     """Answer ``messages`` with ``tools`` available; the call, if any, is parsed.
@@ -315,6 +446,11 @@ def chat_with_tools(
     (finish reason ``constraint`` or ``stop_token``): a call cut by ``max_new_tokens``
     stays text with finish reason ``length``.
 
+    ``tool_format``: ``"auto"`` renders through the bundle's chat template when it
+    supports tools (``<tool_call>`` format, e.g. Qwen2.5) and jinja2 is installed, else
+    the plain format; ``"template"`` insists on the template (InvalidArgumentError if
+    it has no tool support); ``"plain"`` always uses the plain format.
+
     Raises:
         InvalidArgumentError: malformed tools, tool_choice or messages.
         ConstraintError: a tool's parameters schema cannot be compiled, or llguidance
@@ -323,6 +459,9 @@ def chat_with_tools(
     if "constraint" in options:
         raise InvalidArgumentError("chat_with_tools sets the constraint itself")
     parsed = parse_tools(tools)
+    template = _uses_template(model, tool_format)
+    if template is not None:
+        return _chat_with_template(model, template, messages, tools, parsed, tool_choice, options)
     constraint = tool_constraint(parsed, tool_choice)
     chat_format = getattr(model, "chat_format", None)
     system_role = chat_format is None or "system" in chat_format.roles
@@ -333,4 +472,41 @@ def chat_with_tools(
     call = None
     if constraint is not None and result.finish_reason in COMPLETE:
         call = parse_tool_call(result.text, parsed)
+    return ToolChatResult(result.text, (call,) if call else (), result)
+
+
+def _chat_with_template(
+    model: TextGenerator,
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    tools: object,
+    parsed: Sequence[Tool],
+    tool_choice: object,
+    options: dict[str, Any],
+) -> ToolChatResult:
+    """:func:`chat_with_tools` through the bundle's own template and call syntax."""
+    constraint = tool_constraint(parsed, tool_choice, tagged=True)
+    shaped = template_messages(messages)
+    schemas = template_tools(tools, parsed)
+    tokens = model.manifest.special_tokens
+    strings = {"bos_token": tokens.bos_token or "", "eos_token": tokens.eos_token or ""}
+    text = render_chat_with_tools(shaped, template, schemas, True, strings)
+    if not getattr(model, "chat_special_tokens", False):
+        # Caller text must not forge special tokens (as TextGenerator.chat_ids ensures).
+        typed = json.dumps([shaped, schemas], ensure_ascii=False, default=str)
+        found = next((t for t in special_token_strings(model.tokenizer) if t and t in typed), None)
+        if found is not None:
+            raise InvalidArgumentError(
+                f"a message or tool contains the special token text {found!r}; remove it, or "
+                "load with LoadOptions(chat_special_tokens=True) if the caller is trusted"
+            )
+    ids = model.encode(text, add_special_tokens=False)
+    if constraint is not None:
+        options["constraint"] = constraint
+    config = model.decode_config(GenerationOptions.build(None, options))
+    with model.conversation() as conversation:
+        result = conversation._collect(ids, config)
+    call = None
+    if constraint is not None and result.finish_reason in COMPLETE:
+        call = parse_tool_call(result.text, parsed, tagged=True)
     return ToolChatResult(result.text, (call,) if call else (), result)

@@ -43,6 +43,8 @@ __all__ = [
     "RoleFormat",
     "render_chat",
     "render_chat_parts",
+    "render_chat_with_tools",
+    "template_supports_tools",
     "validate_messages",
 ]
 
@@ -57,7 +59,7 @@ MAX_RENDER_S = 2.0
 MAX_LOOP_STEPS = 200_000
 MAX_REPEAT_CHARS = 1 << 20
 
-#: The roles a message may have. Tool calls and multimodal content are out of scope.
+#: The roles a message may have (tool calls render through render_chat_with_tools).
 KNOWN_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 _FORMAT_KEYS = frozenset({"lead", "default_system", "roles", "generation_prompt", "strip_content"})
@@ -316,11 +318,41 @@ class _TemplateRaised(Exception):
     """Raised by a template's ``raise_exception()``: it refuses the conversation."""
 
 
+def template_supports_tools(template: str | None) -> bool:
+    """Whether a raw chat template renders a ``tools`` list and calls in the
+    ``<tool_call>`` JSON format (Qwen2.5's, Hermes'): the only template tool syntax
+    :mod:`edge_slm.generation.tools` can constrain and parse."""
+    if not template:
+        return False
+    return "<tool_call>" in template and _TOOLS_VAR.search(template) is not None
+
+
+_TOOLS_VAR = re.compile(r"\btools\b")
+
+
+def render_chat_with_tools(
+    messages: Sequence[Mapping[str, Any]],
+    template: str,
+    tools: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    special_tokens: Mapping[str, str] | None = None,
+) -> str:
+    """Render OpenAI-style ``messages`` (which may hold ``role: "tool"`` results and
+    assistant ``tool_calls``) with ``tools`` through a raw Jinja ``template``, as
+    transformers' ``apply_chat_template(messages, tools=tools, tokenize=False)`` does:
+    the messages and tools are passed to the template as they are (checked by the
+    caller, :func:`edge_slm.generation.tools.template_messages`). Needs jinja2."""
+    return _render_jinja(
+        template, list(messages), add_generation_prompt, special_tokens or {}, list(tools)
+    )
+
+
 def _render_jinja(
     template: str,
-    messages: list[dict[str, str]],
+    messages: Sequence[Mapping[str, Any]],
     add_generation_prompt: bool,
     special_tokens: Mapping[str, str],
+    tools: list[Mapping[str, Any]] | None = None,
 ) -> str:
     """Render a raw template in a sandbox set up like transformers' own."""
     try:
@@ -341,7 +373,7 @@ def _render_jinja(
         for chunk in compiled.generate(
             **special_tokens,
             messages=messages,
-            tools=None,
+            tools=tools,
             documents=None,
             add_generation_prompt=add_generation_prompt,
         ):
