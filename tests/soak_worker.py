@@ -2,7 +2,7 @@
 requests on one loaded model, measuring memory and latency.
 
 Usage: ``python soak_worker.py BUNDLE [--requests N]``. Prints one JSON line: the RSS
-(VmRSS, bytes) after every 100 requests and each request's latency (seconds).
+(VmRSS, bytes) after every 100 requests, each request's latency and CPU time (seconds).
 
 The requests cycle through ten kinds (model-level calls, streams closed early,
 conversations, server requests streamed and not, a client that hangs up mid-stream),
@@ -124,16 +124,18 @@ def main(argv: list[str] | None = None) -> int:
         assert server.wait_ready(60), server.registry.error
         calls = kinds(model, server.port)
         latencies: list[float] = []
+        cpu: list[float] = []
         rss: list[int] = [rss_bytes()]
         for i in range(args.requests):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             calls[i % len(calls)](i)
             latencies.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - cpu_started)  # every thread, the server's too
             if (i + 1) % 100 == 0:
                 rss.append(rss_bytes())
     finally:
         server.stop()
-    print(json.dumps({"rss": rss, "latencies": latencies}))
+    print(json.dumps({"rss": rss, "latencies": latencies, "cpu": cpu}))
     return 0
 
 
