@@ -2,7 +2,7 @@
 tiny bundles' tokenizers, and chat rendering.
 
 * Sampler: processors and filters never return NaN; filters keep at least one finite
-  logit (one of the largest); greedy is the first argmax; a seeded draw is reproducible and
+  logit (one of the largest, unless typical-p drops it); greedy is the first argmax; a seeded draw is reproducible and
   draws a token the filters kept.
 * Detokenizer: the streamed pieces joined equal ``decode(all ids)`` for random id
   sequences of each tiny bundle's tokenizer.
@@ -68,7 +68,8 @@ def test_filters_keep_a_finite_logit_and_never_nan(
     out = make_logits_filter(**options)(row)
     assert out.shape == row.shape and not np.isnan(out).any()
     assert np.isfinite(out).any()
-    assert np.isfinite(out[row == row.max()]).any()  # one of the most likely tokens survives
+    if options["typical_p"] == 1.0:  # typical-p may drop the most likely token (by design)
+        assert np.isfinite(out[row == row.max()]).any()  # one of the most likely survives
     assert not np.isfinite(out[~np.isfinite(row)]).any()  # a banned token stays banned
 
 
@@ -121,9 +122,14 @@ def test_processors_never_return_nan(
         repetition, frequency, presence, ngram, bias, vocab_size=vocab
     )
     out = row
-    for processor in processors:
-        out = processor(tokens, generated, out)
-        assert out.shape == row.shape and not np.isnan(out).any()
+    try:
+        for processor in processors:
+            out = processor(tokens, generated, out)
+            assert out.shape == row.shape and not np.isnan(out).any()
+    except EdgeSlmError:
+        # A penalty pushing a logit near float32's largest past it gives +inf, which the
+        # next step refuses with a typed error (never a NaN); real logits are far smaller.
+        assert np.abs(row[np.isfinite(row)]).max() > 1e37
 
 
 # ---------------------------------------------------------------------- detokenizer
