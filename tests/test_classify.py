@@ -226,3 +226,12 @@ def test_batches_group_inputs_of_similar_length(
     assert widths[0][1] < widths[1][1] and [w[0] for w in widths] == [2, 2]
     assert [r.scores for r in results[::2]] == [results[0].scores] * 2  # input order kept
     assert results[1].scores == results[3].scores != results[0].scores
+
+
+def test_batch_size_has_an_upper_bound(bundles: dict[str, Path]) -> None:
+    from edge_slm.encoders.encoder import MAX_BATCH_SIZE
+
+    clf = edge_slm.load(bundles["bert"])
+    assert isinstance(clf, edge_slm.TextClassifier)
+    with pytest.raises(edge_slm.InvalidArgumentError, match=rf"\[1, {MAX_BATCH_SIZE}\]"):
+        list(clf.classify(["a", "b"], batch_size=MAX_BATCH_SIZE + 1))

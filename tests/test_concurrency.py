@@ -267,3 +267,14 @@ def test_generate_batch_on_the_fused_graph_is_one_forward_per_step(kinds: dict[s
     lengths = [len(r.token_ids) for r in batch]
     assert steps == sum(n - 1 for n in lengths)  # every decode step went through a batch
     assert forwards == len(prompts) + max(lengths) - 1  # prefills, then one forward per step
+
+
+def test_a_batch_larger_than_max_sessions_runs_in_groups(kinds: dict[str, Path]) -> None:
+    """generate_batch never holds more rows at once than max_sessions (bounded memory)."""
+    for kind in ("fused-fp32", "plain-fp32"):
+        model = edge_slm.load(kinds[kind], options=edge_slm.LoadOptions(max_sessions=2))
+        prompts = [SYSTEM + q for q in ("Where?", "When?", "Who?", "How?", "Why?")]
+        alone = [model.generate(p, max_new_tokens=5, temperature=0.0).token_ids for p in prompts]
+        batch = model.generate_batch(prompts, max_new_tokens=5, temperature=0.0)
+        assert [r.token_ids for r in batch] == alone, kind
+        assert model.capacity().live_sessions == 0

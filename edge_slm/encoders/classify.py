@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from edge_slm.bundle import Manifest
 from edge_slm.encoders.encoder import (
+    MAX_BATCH_SIZE,
     SORT_WINDOW_BATCHES,
     EncoderModel,
     TextInput,
@@ -149,7 +150,7 @@ class TextClassifier:
     def _options(
         self, top_k: int | None, threshold: float | None, batch_size: int, truncation: str
     ) -> tuple[int | None, float | None]:
-        check_positive("batch_size", batch_size)
+        check_positive("batch_size", batch_size, MAX_BATCH_SIZE)
         check_truncation(truncation)
         if top_k is not None:
             check_positive("top_k", top_k)

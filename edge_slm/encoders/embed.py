@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from edge_slm.bundle import Manifest
 from edge_slm.encoders.encoder import (
+    MAX_BATCH_SIZE,
     SORT_WINDOW_BATCHES,
     EncoderModel,
     TextInput,
@@ -73,7 +74,7 @@ class TextEmbedder:
         Inputs are read ``8 * batch_size`` at a time and run in batches of similar
         length (see :meth:`TextClassifier.classify_batches`); output is in input order.
         """
-        check_positive("batch_size", batch_size)
+        check_positive("batch_size", batch_size, MAX_BATCH_SIZE)
         check_truncation(truncation)
         offset = 0
         for window in batched(texts, batch_size * SORT_WINDOW_BATCHES):
@@ -111,7 +112,7 @@ class TextEmbedder:
             (vectors,) = self.embed_batches([texts], batch_size=1, truncation=truncation)
             vector: npt.NDArray[np.float32] = vectors[0]
             return vector
-        check_positive("batch_size", batch_size)
+        check_positive("batch_size", batch_size, MAX_BATCH_SIZE)
         check_truncation(truncation)
         return self._rows(self.embed_batches(texts, batch_size=batch_size, truncation=truncation))
 

@@ -67,10 +67,16 @@ def check_text(item: object, index: int) -> TextInput:
     )
 
 
-def check_positive(name: str, value: int) -> int:
-    """Raise InvalidArgumentError unless ``value`` is an int >= 1."""
+MAX_BATCH_SIZE = 4096
+"""The most texts one forward may take (a larger batch only allocates more)."""
+
+
+def check_positive(name: str, value: int, high: int | None = None) -> int:
+    """Raise InvalidArgumentError unless ``value`` is an int >= 1 (and <= ``high``)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+    if high is not None and value > high:
+        raise InvalidArgumentError(f"{name} must be an integer in [1, {high}], got {value}")
     return value
 
 
