@@ -63,6 +63,22 @@ def generators(bundles: dict[str, Path]) -> dict[str, Any]:
     return {family: edge_slm.load(path) for family, path in bundles.items()}
 
 
+@pytest.fixture(scope="session")
+def encoder_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny BERT classifier ("clf") and a mean-pooled, normalized embedder ("emb")."""
+    from tiny_encoders import build_classifier, build_sentence_transformer
+
+    from edge_slm_export.encoder import export_encoder
+
+    root = tmp_path_factory.mktemp("encoders")
+    clf = build_classifier("bert", root / "clf-src", seed=1)
+    emb = build_sentence_transformer(root / "emb-src", pooling="mean", normalize=True)
+    return {
+        "clf": export_encoder(str(clf), root / "clf"),
+        "emb": export_encoder(str(emb), root / "emb"),
+    }
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

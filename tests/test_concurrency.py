@@ -66,19 +66,8 @@ def test_threads_give_the_sequential_results(kinds: dict[str, Path], kind: str) 
             assert steps > 1.2 * batches, run.stdout
 
 
-def test_classifier_and_embedder_from_threads(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from tiny_encoders import build_classifier, build_sentence_transformer
-
-    from edge_slm_export.encoder import export_encoder
-
-    root = tmp_path_factory.mktemp("enc-threads")
-    classifier = export_encoder(
-        str(build_classifier("bert", root / "clf-src", seed=1)), root / "clf"
-    )
-    embedder = export_encoder(
-        str(build_sentence_transformer(root / "st-src", pooling="mean", normalize=True)),
-        root / "st",
-    )
+def test_classifier_and_embedder_from_threads(encoder_bundles: dict[str, Path]) -> None:
+    classifier, embedder = encoder_bundles["clf"], encoder_bundles["emb"]
     for attempt in range(3):
         run = _worker("encoders", str(classifier), str(embedder), "--threads", "4")
         assert run.returncode == 0, (

@@ -121,21 +121,6 @@ def eos_ban(model: Any) -> dict[str, float]:
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def encoder_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tiny_encoders import build_classifier, build_sentence_transformer
-
-    from edge_slm_export.encoder import export_encoder
-
-    root = tmp_path_factory.mktemp("server-encoders")
-    clf = build_classifier("bert", root / "clf-src", seed=1)
-    emb = build_sentence_transformer(root / "emb-src", pooling="mean", normalize=True)
-    return {
-        "clf": export_encoder(str(clf), root / "clf"),
-        "emb": export_encoder(str(emb), root / "emb"),
-    }
-
-
-@pytest.fixture(scope="module")
 def static_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("static-root")
     site = root / "site"

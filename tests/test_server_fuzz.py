@@ -128,23 +128,9 @@ HEADERS = st.fixed_dictionaries(
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tiny_encoders import build_classifier, build_sentence_transformer
-
-    from edge_slm_export.encoder import export_encoder
-
-    root = tmp_path_factory.mktemp("fuzz-encoders")
-    clf = build_classifier("bert", root / "clf-src", seed=1)
-    emb = build_sentence_transformer(root / "emb-src", pooling="mean", normalize=True)
-    return {
-        "clf": export_encoder(str(clf), root / "clf"),
-        "emb": export_encoder(str(emb), root / "emb"),
-    }
-
-
-@pytest.fixture(scope="module")
-def server(generators: dict[str, Any], encoders: dict[str, Path]) -> Iterator[RunningServer]:
-    sources = [("tiny", generators["llama"]), ("clf", encoders["clf"]), ("emb", encoders["emb"])]
+def server(generators: dict[str, Any], encoder_bundles: dict[str, Path]) -> Iterator[RunningServer]:
+    bundles = encoder_bundles
+    sources = [("tiny", generators["llama"]), ("clf", bundles["clf"]), ("emb", bundles["emb"])]
     config = ServerConfig(
         port=0,
         quiet=True,

@@ -83,6 +83,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edge_slm.bundle.files import sha256_file
+
 CACHE_ENV = "EDGE_SLM_CACHE"
 CACHE_DIR_ENV = "EDGE_SLM_CACHE_DIR"
 FORMAT_VERSION = 2
@@ -95,7 +97,6 @@ _STALE_TMP_S = 3600.0
 SECRET_FILE = ".secret"
 MAX_BYTES_ENV = "EDGE_SLM_CACHE_MAX_BYTES"
 DEFAULT_MAX_BYTES = 8 << 30
-_HASH_CHUNK = 1 << 22
 
 CacheSetting = bool | str | Path | None
 """``True``/``False`` turn the cache on/off, a path turns it on in that folder; None
@@ -197,15 +198,6 @@ def cache_key(
         key["model_path"] = str(model_path)
         key["model_files"] = files
     return key
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cache_secret(root: Path, create: bool = True) -> bytes | None:

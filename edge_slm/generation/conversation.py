@@ -35,6 +35,7 @@ from edge_slm.generation.chunks import TextChunker
 from edge_slm.generation.kv_slots import KVState
 from edge_slm.generation.loop import fit_context, generate_step
 from edge_slm.generation.options import DecodeConfig, GenerationOptions
+from edge_slm.generation.prefix_cache import shared_length
 from edge_slm.generation.results import (
     Chunk,
     GenerationResult,
@@ -132,7 +133,7 @@ class Conversation:
         if not self.prefix_reuse:
             backend.truncate(state, 0)
             return
-        own = _shared(state.tokens, ids, limit)
+        own = shared_length(state.tokens, ids, limit)
         saved, saved_len = self.model.best_saved_prefix(ids, limit)
         if saved is not None and saved_len > own:
             keys = [k[:, :, :saved_len] for k in saved.keys]
@@ -203,13 +204,3 @@ class Conversation:
         chunks = list(self._chunks(prompt_ids, config, stats))
         end = time.perf_counter()
         return assemble_result(chunks, stats, self.model.load_s, start, end, config.logprobs > 0)
-
-
-def _shared(cached: Sequence[int], ids: Sequence[int], limit: int) -> int:
-    """Length of the common prefix of ``cached`` and ``ids``, at most ``limit``."""
-    n = 0
-    for a, b in zip(cached[:limit], ids[:limit], strict=False):
-        if a != b:
-            break
-        n += 1
-    return n

@@ -11,6 +11,7 @@ form a model keeps and its conversations copy from.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,19 @@ class SavedPrefix:
     keys: list[np.ndarray]  # per layer [1, kv_heads, n, head_dim]
     values: list[np.ndarray]
 
-    def shared_with(self, ids: list[int], limit: int) -> int:
+    def shared_with(self, ids: Sequence[int], limit: int) -> int:
         """How many leading ids (at most ``limit``) equal this prefix's."""
-        n = 0
-        for a, b in zip(self.tokens[:limit], ids[:limit], strict=False):
-            if a != b:
-                break
-            n += 1
-        return n
+        return shared_length(self.tokens, ids, limit)
+
+
+def shared_length(cached: Sequence[int], ids: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of ``cached`` and ``ids``, at most ``limit``."""
+    n = 0
+    for a, b in zip(cached[:limit], ids[:limit], strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def save_prefix(path: Path, prefix: SavedPrefix, model_sha256: str) -> Path:
