@@ -24,6 +24,7 @@ from edge_slm.bundle.manifest import (
     Provenance,
     Quantization,
     SpecialTokens,
+    Training,
     Validation,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "Provenance",
     "Quantization",
     "SpecialTokens",
+    "Training",
     "Validation",
     "bundle_files",
     "read_bundle",

@@ -301,6 +301,31 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class Training:
+    """How a classification head was fitted on the device (:mod:`edge_slm.encoders.train_head`).
+
+    ``holdout_accuracy`` is measured through the written bundle on ``holdout_examples``
+    examples kept out of the fit (None when nothing was held out); ``examples_per_label``
+    counts the examples the head was fitted on.
+    """
+
+    method: str
+    embedder: str
+    examples: int
+    examples_per_label: dict[str, int]
+    holdout_examples: int
+    holdout_accuracy: float | None
+    C: float
+    class_weight: str | dict[str, float] | None
+    seed: int
+    iterations: int
+    converged: bool
+    embed_seconds: float
+    fit_seconds: float
+    data_sha256: str | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to run a bundle (see docs/bundle-format.md)."""
 
@@ -320,6 +345,7 @@ class Manifest:
     labels: list[str] | None = None
     validation: Validation | None = None
     quantization: Quantization = field(default_factory=Quantization)
+    training: Training | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -353,6 +379,7 @@ class Manifest:
             "generation_defaults": GenerationDefaults,
             "validation": Validation,
             "quantization": Quantization,
+            "training": Training,
         }
         for key, sub in nested.items():
             if data.get(key) is not None:
