@@ -26,8 +26,10 @@ from edge_slm.errors import BundleError, BundleVersionError
 FORMAT_NAME = "edge-slm-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-TASKS = ("text-generation", "text-classification", "feature-extraction")
-Task = Literal["text-generation", "text-classification", "feature-extraction"]
+TASKS = ("text-generation", "text-classification", "token-classification", "feature-extraction")
+Task = Literal[
+    "text-generation", "text-classification", "token-classification", "feature-extraction"
+]
 ProblemType = Literal["single_label_classification", "multi_label_classification"]
 
 
@@ -256,7 +258,7 @@ class Provenance:
     """Where a bundle came from and which tools made it."""
 
     source: str
-    source_kind: Literal["hub", "folder", "gguf"]
+    source_kind: Literal["hub", "folder", "gguf", "onnx"]
     revision: str | None = None
     source_sha256: str | None = None
     created_at: str | None = None
@@ -398,8 +400,8 @@ class Manifest:
             raise BundleError("a text-generation bundle needs a 'decoder' section")
         if self.task != "text-generation" and self.encoder is None:
             raise BundleError(f"a {self.task} bundle needs an 'encoder' section")
-        if self.task == "text-classification" and not self.labels:
-            raise BundleError("a text-classification bundle needs 'labels'")
+        if self.task in ("text-classification", "token-classification") and not self.labels:
+            raise BundleError(f"a {self.task} bundle needs 'labels'")
         if self.context_length <= 0 or self.vocab_size <= 0:
             raise BundleError("context_length and vocab_size must be positive")
         self._check_limits()

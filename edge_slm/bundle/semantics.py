@@ -141,13 +141,19 @@ def check_encoder(manifest: Manifest, session: Any, tokenizer: Any) -> None:
     shape = getattr(out, "shape", None)
     if not isinstance(shape, (list, tuple)):
         return
-    if len(shape) != 2:
+    if manifest.task == "token-classification":
+        if len(shape) != 3:
+            raise BundleError(
+                f"task token-classification needs an output [batch, seq, labels]; the graph's "
+                f"{io.output!r} has shape {shape}"
+            )
+    elif len(shape) != 2:
         raise BundleError(
             f"task {manifest.task} needs an output [batch, width]; the graph's {io.output!r} "
             f"has shape {shape} (a decoder graph?)"
         )
     width = _width(shape)
-    if manifest.task == "text-classification":
+    if manifest.task in ("text-classification", "token-classification"):
         labels = len(manifest.labels or [])
         if width is not None and width != labels:
             raise BundleError(
