@@ -16,6 +16,8 @@ from edge_slm.bundle import Manifest, read_bundle
 from edge_slm.encoders.classify import Classification, TextClassifier
 from edge_slm.encoders.embed import CosineIndex, Hit, TextEmbedder
 from edge_slm.encoders.encoder import TruncationWarning
+from edge_slm.encoders.entities import Entity
+from edge_slm.encoders.token_classify import TokenClassification, TokenClassifier
 from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import (
     BundleError,
@@ -56,6 +58,7 @@ __all__ = [
     "CosineIndex",
     "DeadlineError",
     "EdgeSlmError",
+    "Entity",
     "GenerationOptions",
     "GenerationResult",
     "Grammar",
@@ -69,6 +72,8 @@ __all__ = [
     "TextEmbedder",
     "TextGenerator",
     "Timings",
+    "TokenClassification",
+    "TokenClassifier",
     "TokenStep",
     "Tool",
     "ToolCall",
@@ -87,11 +92,12 @@ def load(
     verify: bool = True,
     cache: bool | str | Path | None = None,
     options: LoadOptions | None = None,
-) -> TextGenerator | TextClassifier | TextEmbedder:
+) -> TextGenerator | TextClassifier | TokenClassifier | TextEmbedder:
     """Load a bundle folder and return the object for its task.
 
     A text-generation bundle gives a :class:`TextGenerator`, a text-classification
-    bundle a :class:`TextClassifier`, a feature-extraction bundle a :class:`TextEmbedder`.
+    bundle a :class:`TextClassifier`, a token-classification bundle a
+    :class:`TokenClassifier`, a feature-extraction bundle a :class:`TextEmbedder`.
     Each is safe to share between threads.
 
     Args:
@@ -130,6 +136,8 @@ def load(
         return TextGenerator(folder, manifest, settings)
     if manifest.task == "text-classification":
         return TextClassifier(folder, manifest, settings)
+    if manifest.task == "token-classification":
+        return TokenClassifier(folder, manifest, settings)
     if manifest.task == "feature-extraction":
         return TextEmbedder(folder, manifest, settings)
     raise BundleError(f"bundle task {manifest.task!r} is not supported by this runtime yet")

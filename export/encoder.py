@@ -1,10 +1,12 @@
 """Export a Hugging Face encoder (BERT, DistilBERT, RoBERTa: :mod:`edge_slm_export.architectures`) to a bundle.
 
-Two tasks:
+Three tasks:
 
 * ``text-classification``: a ``*ForSequenceClassification`` model; the graph outputs
   ``logits [batch, labels]``; the manifest carries the labels (``id2label``) and the
   ``problem_type`` (softmax for single-label, sigmoid for multi-label).
+* ``token-classification``: a ``*ForTokenClassification`` model (NER, tagging); the
+  graph outputs ``logits [batch, seq, labels]``; the manifest carries the labels.
 * ``feature-extraction``: a bare encoder (e.g. a sentence-transformers folder); the
   graph outputs ``sentence_embedding [batch, dim]`` with the source's pooling (mean or
   CLS, from ``1_Pooling/config.json``, mean if absent) and L2 normalisation (when
@@ -47,8 +49,8 @@ from edge_slm_export.source import (
 )
 from edge_slm_export.validate_encoder import validate_encoder
 
-ENCODER_TASKS = ("text-classification", "feature-extraction")
-EncoderTask = Literal["text-classification", "feature-extraction"]
+ENCODER_TASKS = ("text-classification", "token-classification", "feature-extraction")
+EncoderTask = Literal["text-classification", "token-classification", "feature-extraction"]
 DEFAULT_TOLERANCE = 1e-4
 
 
@@ -88,7 +90,8 @@ def detect_task(source: str) -> str | None:
     """The task a local source is for, from its files; None when it cannot be told.
 
     ``.gguf`` files and ``*ForCausalLM`` / ``*LMHeadModel`` architectures are
-    text-generation; ``*ForSequenceClassification`` is text-classification; a folder
+    text-generation; ``*ForSequenceClassification`` is text-classification,
+    ``*ForTokenClassification`` token-classification; a folder
     with ``modules.json`` (sentence-transformers) or a bare ``*Model`` is
     feature-extraction.
     """
@@ -101,6 +104,8 @@ def detect_task(source: str) -> str | None:
     architectures = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "text-classification"
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return "token-classification"
     if (path / "modules.json").is_file():
         return "feature-extraction"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
@@ -150,19 +155,20 @@ def sentence_transformer_settings(folder: Path) -> SentenceTransformerSettings:
     return SentenceTransformerSettings(pooling, normalize, int(max_seq) if max_seq else None)
 
 
-def _load_bare_encoder(source: str, allow_pickle: bool) -> LoadedSource:
-    """Load a bare encoder (AutoModel) in float32 from a folder or hub id."""
+def _load_bare_encoder(source: str, allow_pickle: bool, tokens: bool = False) -> LoadedSource:
+    """Load a bare encoder (AutoModel), or a token classifier (AutoModelForTokenClassification)
+    when ``tokens``, in float32 from a folder or hub id."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForTokenClassification, AutoTokenizer
+
+    auto = AutoModelForTokenClassification if tokens else AutoModel
 
     kind = source_kind(source)
     if kind == "gguf":
         raise UnsupportedModelError(f"{source!r}: encoders cannot be exported from GGUF files")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = AutoModel.from_pretrained(
-            source, dtype=torch.float32, **weights_policy(allow_pickle)
-        )
+        model = auto.from_pretrained(source, dtype=torch.float32, **weights_policy(allow_pickle))
     except (OSError, ValueError, KeyError) as exc:
         refused = refusal(source, exc, allow_pickle)
         if refused is not None:
@@ -267,7 +273,8 @@ def export_encoder(
     Args:
         source: a local HF folder or a hub id.
         out_dir: the bundle folder to write.
-        task: "text-classification" or "feature-extraction"; None detects it from the
+        task: "text-classification", "token-classification" or "feature-extraction";
+            None detects it from the
             folder (:func:`detect_task`).
         options: tolerance, opset, pooling/normalisation overrides, length cap.
         head: a linear classifier over the pooled (normalised) embedding of a bare
@@ -304,7 +311,8 @@ def export_encoder(
                 if task == "text-classification" and head is None:
                     loaded = load_source(source, work, "text-classification", options.allow_pickle)
                 else:
-                    loaded = _load_bare_encoder(source, options.allow_pickle)
+                    tokens = task == "token-classification"
+                    loaded = _load_bare_encoder(source, options.allow_pickle, tokens)
             encoder_architecture(loaded.model.config.model_type)  # refuses unknown families
             graph_task: EncoderTask = "feature-extraction" if head is not None else task
             with step(report, "exporting to ONNX"):
@@ -343,6 +351,11 @@ def _assemble(
                 else "single_label_classification"
             ),
         )
+        labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+        forward = _torch_forward(loaded.model)
+        cap = options.max_length
+    elif task == "token-classification":
+        io = encoder_io(inputs, "logits")
         labels = [str(config.id2label[i]) for i in range(config.num_labels)]
         forward = _torch_forward(loaded.model)
         cap = options.max_length

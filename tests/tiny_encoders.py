@@ -174,6 +174,32 @@ def build_classifier(
     return folder
 
 
+NER_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "MISC")
+
+
+def build_token_classifier(
+    family: str, folder: Path, *, labels: tuple[str, ...] = NER_LABELS, seed: int = 0
+) -> Path:
+    """Write a tiny random ``family`` token classifier (NER tags ``labels``) to ``folder``."""
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    tokenizer = build_bpe_tokenizer() if family == "roberta" else build_wordpiece_tokenizer()
+    config = _config(
+        family,
+        tokenizer,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForTokenClassification.from_config(config)
+    model.eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def build_sentence_transformer(
     folder: Path, *, pooling: str = "mean", normalize: bool = True, seed: int = 0
 ) -> Path:
