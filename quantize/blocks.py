@@ -5,7 +5,8 @@ searched-scale quantization).
 scale, one integer zero point and optionally one float offset per block;
 :class:`BlockWriter` turns a ``MatMul(x, W)`` node into ``com.microsoft`` ``MatMulNBits``
 over such blocks (plus ``blocksums(x) @ offsets`` when the blocks have offsets, as Q4_1's
-do), storing scales as float16 when that is exact.
+do), storing scales as float16 when that is exact, or as the product of an fp16 and an
+int8 factor (the K-quants' ``d * sc``) when that is.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class Blocks:
         zero_points: ``[N, K/block]`` uint8.
         mins: ``[N, K/block]`` float32 added to each block (Q4_1: ``m + 8d``), or None.
         types: the GGUF types the rows came from (for the report).
+        scale_factors: ``(outer [N, G], inner [N, G, K/block/G])`` with ``scales`` equal
+            to ``outer[..., None] * inner`` in fp32, ``outer`` fp16 values and ``inner``
+            int8 values (a K-quant's super-block ``d`` and sub-block ``sc``): the file
+            stores 2 bytes per super-block and 1 per block instead of 4 per block.
     """
 
     bits: int
@@ -41,6 +46,7 @@ class Blocks:
     zero_points: np.ndarray
     mins: np.ndarray | None
     types: tuple[str, ...]
+    scale_factors: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def block_size(self) -> int:
@@ -65,6 +71,7 @@ class Blocks:
     def rows(self, index: np.ndarray) -> Blocks:
         """The blocks of rows ``index`` (a permutation of output rows moves whole blocks)."""
         mins = None if self.mins is None else self.mins[index]
+        factors = self.scale_factors
         return Blocks(
             self.bits,
             self.codes[index],
@@ -72,7 +79,35 @@ class Blocks:
             self.zero_points[index],
             mins,
             self.types,
+            None if factors is None else (factors[0][index], factors[1][index]),
         )
+
+
+def concat_rows(parts: list[Blocks]) -> Blocks:
+    """Blocks of several tensors stacked along N (a fused projection); one container
+    (bits and block size) for all of them."""
+    assert len({(p.bits, p.block_size) for p in parts}) == 1, "one container per node"
+    mins = None
+    if any(p.mins is not None for p in parts):
+        mins = np.concatenate(
+            [p.mins if p.mins is not None else np.zeros_like(p.scales) for p in parts]
+        )
+    factors = None
+    inner = {None if p.scale_factors is None else p.scale_factors[1].shape[2] for p in parts}
+    if None not in inner and len(inner) == 1:  # the same factoring for every part
+        factors = (
+            np.concatenate([p.scale_factors[0] for p in parts if p.scale_factors]),
+            np.concatenate([p.scale_factors[1] for p in parts if p.scale_factors]),
+        )
+    return Blocks(
+        parts[0].bits,
+        np.concatenate([p.codes for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        np.concatenate([p.zero_points for p in parts]),
+        mins,
+        tuple(t for p in parts for t in p.types),
+        factors,
+    )
 
 
 def pack_codes(blocks: Blocks) -> np.ndarray:
@@ -127,7 +162,7 @@ class BlockWriter:
         self.half_storage = half_storage
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.new_inits: list[onnx.TensorProto] = []
-        self.block_sums: dict[str, str] = {}
+        self.block_sums: dict[tuple[str, int], str] = {}
         self.min_terms = 0
 
     def _float(self, name: str, values: np.ndarray, nodes: list[onnx.NodeProto]) -> None:
@@ -148,26 +183,74 @@ class BlockWriter:
 
     def _sums(self, x: str, k: int, block: int, out: list[onnx.NodeProto]) -> str:
         """``[..., K/block]`` block sums of activation ``x`` (computed once per tensor)."""
-        if x in self.block_sums:
-            return self.block_sums[x]
-        shape = f"{x}/blocks_shape"
+        if (x, block) in self.block_sums:
+            return self.block_sums[(x, block)]
+        tag = f"{x}/b{block}"
+        shape = f"{tag}/blocks_shape"
         self.new_inits.append(
             numpy_helper.from_array(np.asarray([0, 0, k // block, block], np.int64), shape)
         )
-        axes = f"{x}/blocks_axes"
+        axes = f"{tag}/blocks_axes"
         self.new_inits.append(numpy_helper.from_array(np.asarray([-1], np.int64), axes))
-        out.append(helper.make_node("Reshape", [x, shape], [f"{x}/blocks"], name=f"{x}/blocks"))
+        out.append(helper.make_node("Reshape", [x, shape], [f"{tag}/blocks"], name=f"{tag}/blocks"))
         out.append(
             helper.make_node(
                 "ReduceSum",
-                [f"{x}/blocks", axes],
-                [f"{x}/block_sums"],
-                name=f"{x}/block_sums",
+                [f"{tag}/blocks", axes],
+                [f"{tag}/block_sums"],
+                name=f"{tag}/block_sums",
                 keepdims=0,
             )
         )
-        self.block_sums[x] = f"{x}/block_sums"
-        return self.block_sums[x]
+        self.block_sums[(x, block)] = f"{tag}/block_sums"
+        return self.block_sums[(x, block)]
+
+    def _scales(self, name: str, blocks: Blocks, nodes: list[onnx.NodeProto]) -> None:
+        """The fp32 ``[N * K/block]`` scales ``name``: fp16 + Cast when exact, else the
+        product of their fp16 and int8 factors when the blocks have them, else fp32."""
+        scales = np.ascontiguousarray(blocks.scales.reshape(-1), dtype=np.float32)
+        factors = blocks.scale_factors
+        if (
+            factors is None
+            or not self.half_storage
+            or np.array_equal(scales.astype(np.float16).astype(np.float32), scales)
+        ):
+            self._float(name, scales, nodes)
+            return
+        outer, inner = factors
+        half, small = outer.astype(np.float16), inner.astype(np.int8)
+        product = (half.astype(np.float32)[..., None] * small.astype(np.float32)).reshape(-1)
+        assert np.array_equal(product, scales), "scale factors do not multiply to the scales"
+        shape = f"{name}_shape"
+        self.new_inits.extend(
+            [
+                numpy_helper.from_array(half[..., None], f"{name}_outer_fp16"),
+                numpy_helper.from_array(small, f"{name}_inner_int8"),
+                numpy_helper.from_array(np.asarray([-1], np.int64), shape),
+            ]
+        )
+        nodes.extend(
+            [
+                helper.make_node(
+                    "Cast",
+                    [f"{name}_outer_fp16"],
+                    [f"{name}_outer"],
+                    name=f"{name}_outer_cast",
+                    to=onnx.TensorProto.FLOAT,
+                ),
+                helper.make_node(
+                    "Cast",
+                    [f"{name}_inner_int8"],
+                    [f"{name}_inner"],
+                    name=f"{name}_inner_cast",
+                    to=onnx.TensorProto.FLOAT,
+                ),
+                helper.make_node(
+                    "Mul", [f"{name}_outer", f"{name}_inner"], [f"{name}_3d"], name=f"{name}_mul"
+                ),
+                helper.make_node("Reshape", [f"{name}_3d", shape], [name], name=f"{name}_flat"),
+            ]
+        )
 
     def replace(self, node: onnx.NodeProto, weight: str, blocks: Blocks) -> list[onnx.NodeProto]:
         """The nodes that compute ``node``'s output from ``blocks``."""
@@ -177,7 +260,7 @@ class BlockWriter:
         b_name, s_name, z_name = f"{base}_Q{blocks.bits}", f"{base}_scales", f"{base}_zp"
         self.new_inits.append(numpy_helper.from_array(pack_codes(blocks), b_name))
         nodes: list[onnx.NodeProto] = []
-        self._float(s_name, blocks.scales.reshape(-1), nodes)
+        self._scales(s_name, blocks, nodes)
         inputs = [x, b_name, s_name]
         default_zp = 8 if blocks.bits == 4 else 128
         if np.any(blocks.zero_points != default_zp):

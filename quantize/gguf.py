@@ -1,32 +1,23 @@
-"""GGUF transcoding: carry a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks into MatMulNBits unchanged.
+"""GGUF transcoding: carry a GGUF file's quantized blocks into MatMulNBits exactly.
 
 A model exported from a GGUF file went through transformers, which de-quantized every
 block to float32. Quantizing that graph again with other block boundaries or other
 scales loses accuracy a second time (SmolLM2-135M's Q4_1 weights: perplexity +28% with
 our own int4). This module reads the original blocks with ``gguf.GGUFReader`` and
-writes them into ``com.microsoft`` ``MatMulNBits`` nodes as they are, so the bundle
-computes with exactly the weights the GGUF file holds.
+writes them into ``com.microsoft`` ``MatMulNBits`` nodes, so the bundle computes with
+exactly the weights the GGUF file holds: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants
+Q2_K..Q6_K (the layouts and why each is exact: :mod:`edge_slm_quantize.gguf_types`).
+Every carried tensor is checked at transcoding time: the blocks, de-quantized as the
+kernel does, equal ``gguf.quants.dequantize`` bit for bit, or :class:`GGUFError`.
 
-The formats, per block of 32 weights along the input dimension K (ggml-common.h):
+A fused projection whose parts need different containers (a Q4_K attn_q next to a Q6_K
+attn_v: 4-bit blocks of 32 and 8-bit blocks of 16) becomes one MatMulNBits node per run
+of parts sharing a container, joined by a Concat along N.
 
-* ``Q4_0``: fp16 ``d``, 16 bytes of nibbles; ``w = (q - 8) * d``.
-* ``Q4_1``: fp16 ``d``, fp16 ``m``, 16 bytes of nibbles; ``w = q * d + m``.
-* ``Q8_0``: fp16 ``d``, 32 int8 ``q``; ``w = q * d``.
-
-Nibble ``j`` of a 4-bit block is the low half of byte ``j`` (j < 16) or the high half of
-byte ``j - 16``; MatMulNBits packs elements ``2i`` and ``2i + 1`` in byte ``i``: the
-codes are re-packed, never changed. MatMulNBits computes ``(q - zero_point) * scale``:
-
-* Q4_0 -> uint8 zero point 8 (the op's default), scale ``d`` (fp16 -> fp32 is exact);
-* Q8_0 -> codes ``q + 128`` as uint8 with the default zero point 128, scale ``d``;
-* Q4_1 -> zero point 8, scale ``d``, and the block offset as a separate term:
-  ``w = (q - 8) d + (m + 8d)``, so ``sum_k x_k w_kn`` is the MatMulNBits product plus
-  ``blocksums(x) @ M`` with ``M [K/32, N] = m + 8d`` (one float per block, as in the
-  GGUF; ``m = M - 8d`` exactly). Zero point 0 (``w = q d + m``) is exact too, but with
-  int8 activations (accuracy_level 4) the kernel's error grows with the uncentred
-  codes: SmolLM2's greedy answers drifted while perplexity moved only 1%. onnxruntime's MatMulNBits also takes float zero points
-  (``zp = -m / d``), but its CPU kernel then de-quantizes the whole matrix on every
-  call: about 60x slower than the uint8 path on a 576x1536 weight (measured, ort 1.31).
+Types that cannot be carried exactly (IQ*, TQ*, MXFP4, ...) are refused with
+:class:`UnsupportedGGUFTypeError` naming the tensor and the type, unless the caller asks
+for re-quantization (``requantize``: method ``gguf-small``), which re-quantizes them,
+and every type wider than the chosen bits, from the de-quantized weights.
 
 The graph's weights are matched to GGUF tensors by name (the fused graph of
 ``export/fused.py``: ``layers.{i}.qkv_proj.weight`` = attn_q | attn_k | attn_v along N,
@@ -34,110 +25,52 @@ The graph's weights are matched to GGUF tensors by name (the fused graph of
 ``output.weight``). llama.cpp's converter permutes the rows of attn_q / attn_k for its
 rotary layout and transformers un-permutes them when it loads a GGUF: a permutation of
 output rows (N) moves whole K-blocks, so the blocks are re-ordered, not re-quantized.
-Every transcoded weight is de-quantized once and compared with the float32 graph's
-weight: a wrong mapping or permutation raises :class:`GGUFMismatchError`.
+Every transcoded weight is also compared with the float32 graph's weight: a wrong
+mapping or permutation raises :class:`GGUFMismatchError`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
-from edge_slm_quantize.blocks import MIN_TERM_SUFFIX, Blocks, BlockWriter
-from edge_slm_quantize.errors import QuantizationError
+from edge_slm_quantize.blocks import MIN_TERM_SUFFIX, Blocks, BlockWriter, concat_rows
+from edge_slm_quantize.gguf_types import (
+    FLOAT_TYPES,
+    SUPPORTED_TYPES,
+    GGUFError,
+    UnsupportedGGUFTypeError,
+    decode_blocks,
+)
 from edge_slm_quantize.weight_only import MatMulCensus, WeightOnlySettings, census, logits_producer
 
-BLOCK = 32
-SUPPORTED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
-FLOAT_TYPES = ("F32", "F16", "BF16")
+__all__ = [
+    "FLOAT_TYPES",
+    "SUPPORTED_TYPES",
+    "GGUFError",
+    "GGUFMismatchError",
+    "GGUFResult",
+    "GGUFSource",
+    "UnsupportedGGUFTypeError",
+    "decode_blocks",
+    "read_gguf",
+    "transcode_gguf",
+]
+
 # Largest |GGUF de-quantized - graph weight| accepted, relative to the weight's max |w|.
 MATCH_TOLERANCE = 1e-5
-_MS = "com.microsoft"
 _PERMUTED_ARCHITECTURES = ("llama",)  # llama.cpp permutes Q/K rows for these
-
-
-class GGUFError(QuantizationError):
-    """The GGUF source cannot be transcoded (not a GGUF, moved, changed, unsupported)."""
-
-
-class UnsupportedGGUFTypeError(GGUFError):
-    """A weight is stored in a GGUF type this transcoder does not carry over."""
+_CHECK_ROWS = 8192  # rows de-quantized at a time when checking a tensor (bounded memory)
 
 
 class GGUFMismatchError(GGUFError):
     """A GGUF tensor does not de-quantize to the graph's weight (wrong mapping)."""
-
-
-def _fp16(raw: np.ndarray) -> np.ndarray:
-    """``[..., 2]`` uint8 little-endian halves -> float32 (exact)."""
-    return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(np.float32)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """``[..., 16]`` ggml nibble bytes -> ``[..., 32]`` codes (low halves, then high halves)."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
-
-
-def decode_blocks(data: np.ndarray, type_name: str) -> Blocks:
-    """Raw GGUF bytes ``[N, bytes per row]`` of one tensor -> :class:`Blocks`.
-
-    Raises:
-        UnsupportedGGUFTypeError: ``type_name`` is not one of :data:`SUPPORTED_TYPES`.
-    """
-    rows = data.shape[0]
-    if type_name == "Q4_0":
-        b = data.reshape(rows, -1, 18)
-        scales, codes = _fp16(b[..., 0:2]), _nibbles(b[..., 2:18])
-        zero = np.full(scales.shape, 8, dtype=np.uint8)
-        return Blocks(4, codes, scales, zero, None, (type_name,))
-    if type_name == "Q4_1":
-        b = data.reshape(rows, -1, 20)
-        scales, mins, codes = _fp16(b[..., 0:2]), _fp16(b[..., 2:4]), _nibbles(b[..., 4:20])
-        # Centred codes: q*d + m = (q - 8)*d + (m + 8d). With int8 activations
-        # (accuracy_level 4) the kernel's error grows with |q - zp|; zero point 0 made
-        # greedy chat drift (SmolLM2 answered in French), zero point 8 keeps it on track.
-        zero = np.full(scales.shape, 8, dtype=np.uint8)
-        return Blocks(4, codes, scales, zero, mins + np.float32(8) * scales, (type_name,))
-    if type_name == "Q8_0":
-        b = data.reshape(rows, -1, 34)
-        scales = _fp16(b[..., 0:2])
-        codes = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        zero = np.full(scales.shape, 128, dtype=np.uint8)
-        return Blocks(8, codes, scales, zero, None, (type_name,))
-    raise UnsupportedGGUFTypeError(
-        f"GGUF tensor type {type_name} is not supported for transcoding; supported: "
-        f"{list(SUPPORTED_TYPES)} (float tensors {list(FLOAT_TYPES)} stay float)"
-    )
-
-
-def concat_rows(parts: list[Blocks], where: str) -> Blocks:
-    """Blocks of several tensors stacked along N (a fused projection)."""
-    bits = {p.bits for p in parts}
-    if len(bits) > 1:
-        types = [t for p in parts for t in p.types]
-        raise UnsupportedGGUFTypeError(
-            f"{where}: the fused projection mixes 4- and 8-bit GGUF types {types}; one "
-            "MatMulNBits node has one bit width (supported within a projection: Q4_0 with "
-            "Q4_1, or Q8_0 alone)"
-        )
-    mins = None
-    if any(p.mins is not None for p in parts):
-        mins = np.concatenate(
-            [p.mins if p.mins is not None else np.zeros_like(p.scales) for p in parts]
-        )
-    return Blocks(
-        bits.pop(),
-        np.concatenate([p.codes for p in parts]),
-        np.concatenate([p.scales for p in parts]),
-        np.concatenate([p.zero_points for p in parts]),
-        mins,
-        tuple(t for p in parts for t in p.types),
-    )
 
 
 @dataclass(frozen=True)
@@ -228,15 +161,18 @@ class GGUFResult:
     max_abs_weight_diff: float = 0.0
     source: str = ""
     lm_head_requantized: str = ""  # e.g. "Q8_0 -> searched-sym 4-bit"; "" = carried
+    requantized: dict[str, str] = field(default_factory=dict)  # GGUF tensor -> "Q6_K -> ..."
+    split_projections: int = 0  # fused weights carried as several nodes + Concat
 
     def _float_weight_nodes(self) -> list[str]:
         return [n for n in self.census.float_weight_nodes if not n.endswith(MIN_TERM_SUFFIX)]
 
     def details(self) -> dict[str, Any]:
         """JSON-ready facts for ``Quantization.details``."""
+        requantized = Counter(v for v in self.requantized.values())
         return {
             "quantized_matmuls": self.census.quantized,
-            # the Q4_1 offset terms (blocksums(x) @ offsets) are float MatMuls by design
+            # the offset terms (blocksums(x) @ offsets) are float MatMuls by design
             "remaining_float_matmuls": len(self._float_weight_nodes()),
             "remaining_float_matmul_nodes": self._float_weight_nodes(),
             "activation_matmuls": self.census.activation,
@@ -245,15 +181,105 @@ class GGUFResult:
             "gguf_source": self.source,
             "gguf_tensor_types": dict(sorted(self.gguf_types.items())),
             "gguf_float_weights": self.float_weights,
+            # MatMulNBits nodes with an offset term (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K minimums)
             "q4_1_min_terms": self.min_terms,
+            "gguf_split_projections": self.split_projections,
+            "gguf_requantized": dict(sorted(requantized.items())),
             "max_abs_weight_diff_vs_fp32_graph": self.max_abs_weight_diff,
-            "blocks": "carried from the GGUF unchanged (codes re-packed, fp16 scales widened)"
+            "blocks": "carried from the GGUF exactly (every carried weight equal to "
+            "gguf.quants.dequantize, checked)"
             + (
                 f"; the lm_head was re-quantized ({self.lm_head_requantized}, searched scales)"
                 if self.lm_head_requantized
                 else ""
+            )
+            + (
+                f"; {len(self.requantized)} tensors re-quantized from their de-quantized "
+                "weights (gguf_requantized)"
+                if self.requantized
+                else ""
             ),
         }
+
+
+def _reference(data: np.ndarray, kind: str) -> np.ndarray:
+    """``gguf.quants.dequantize`` of raw rows: the values the GGUF file stands for."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return np.asarray(dequantize(data, GGMLQuantizationType[kind]), dtype=np.float32)
+
+
+def _check_part(
+    name: str,
+    kind: str,
+    data: np.ndarray,
+    perm: np.ndarray | None,
+    blocks: Blocks,
+    columns: np.ndarray,
+) -> float:
+    """Check ``blocks`` (one GGUF tensor, rows in graph order) against the GGUF and the graph.
+
+    Returns the largest |difference| from the graph's weight ``columns [K, rows]``.
+
+    Raises:
+        GGUFError: a weight differs from ``gguf.quants.dequantize`` (a transcoder bug).
+        GGUFMismatchError: the graph's weight is not this tensor (wrong mapping).
+    """
+    rows = blocks.shape[0]
+    order = np.arange(rows) if perm is None else perm
+    worst = 0.0
+    scale = float(np.abs(columns).max()) or 1.0
+    for start in range(0, rows, _CHECK_ROWS):
+        index = np.arange(start, min(rows, start + _CHECK_ROWS))
+        ours = blocks.rows(index).dequantize()
+        if not np.array_equal(ours, _reference(data[order[index]], kind)):
+            raise GGUFError(
+                f"GGUF tensor {name!r} ({kind}): the MatMulNBits blocks do not reproduce "
+                "gguf.quants.dequantize exactly (a transcoder bug; please report it)"
+            )
+        diff = float(np.abs(ours - columns[:, index].T).max())
+        if diff > MATCH_TOLERANCE * scale:
+            raise GGUFMismatchError(
+                f"graph weight columns of GGUF tensor {name!r} differ from its de-quantized "
+                f"values by {diff:.3g} (tolerance {MATCH_TOLERANCE * scale:.3g}): was the "
+                "bundle exported from this GGUF?"
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+def _containers(pieces: list[Blocks]) -> list[list[Blocks]]:
+    """Consecutive pieces grouped by container (bits, block size): one node per group."""
+    groups: list[list[Blocks]] = []
+    for piece in pieces:
+        key = (piece.bits, piece.block_size)
+        if groups and (groups[-1][0].bits, groups[-1][0].block_size) == key:
+            groups[-1].append(piece)
+        else:
+            groups.append([piece])
+    return groups
+
+
+def _split_nodes(
+    rewriter: BlockWriter, node: onnx.NodeProto, weight: str, groups: list[list[Blocks]]
+) -> list[onnx.NodeProto]:
+    """One MatMulNBits per container group, their outputs joined along N."""
+    nodes: list[onnx.NodeProto] = []
+    outputs = []
+    for i, group in enumerate(groups):
+        part = helper.make_node(
+            "MatMul",
+            [node.input[0], f"{weight}/part{i}"],
+            [f"{node.output[0]}/part{i}"],
+            name=f"{node.name}/part{i}",
+        )
+        nodes.extend(rewriter.replace(part, f"{weight}/part{i}", concat_rows(group)))
+        outputs.append(part.output[0])
+    nodes.append(
+        helper.make_node("Concat", outputs, [node.output[0]], name=f"{node.name}/concat", axis=-1)
+    )
+    return nodes
 
 
 def transcode_gguf(
@@ -264,6 +290,7 @@ def transcode_gguf(
     logits: str = "logits",
     lm_head: WeightOnlySettings | None = None,
     importance: dict[str, np.ndarray] | None = None,
+    requantize: WeightOnlySettings | None = None,
 ) -> GGUFResult:
     """Replace the fused graph's MatMul weights by the GGUF's own quantized blocks.
 
@@ -276,19 +303,27 @@ def transcode_gguf(
         lm_head: re-quantize the lm_head (and with it a tied embedding) from its float
             weights with searched scales at these settings instead of carrying its GGUF
             blocks (SmolLM2's is Q8_0: 4 bits saves 13.5 MB); None carries it unchanged.
+        importance: per-input importance of the squared error (the lm_head's), by input.
+        requantize: re-quantize, from their de-quantized weights with searched scales at
+            these settings, the tensors whose carried container is wider than
+            ``requantize.bits`` and those in types that cannot be carried (the smaller
+            variant); None carries every tensor exactly and refuses the others.
 
     Raises:
-        UnsupportedGGUFTypeError: a weight in a type other than Q4_0 / Q4_1 / Q8_0 (or float).
+        UnsupportedGGUFTypeError: a weight in a type that is not carried (and no
+            ``requantize``): the message names the tensor, the type and the options.
         GGUFMismatchError: a GGUF tensor does not de-quantize to the graph's weight, or a
             graph weight has no GGUF tensor.
     """
-    from collections import Counter
+    from edge_slm_quantize.search import quantize_blocks
 
     rewriter = BlockWriter(model, settings.accuracy_level)
     graph = model.graph
     types: Counter[str] = Counter()
     floats: list[str] = []
+    requantized: dict[str, str] = {}
     worst = 0.0
+    split = 0
     requantized_from = ""
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -307,42 +342,67 @@ def transcode_gguf(
             floats.append(weight)
             nodes.append(node)
             continue
-        decoded = []
-        for name, perm in parts:
-            kind, data = source.tensors[name]
-            blocks = decode_blocks(data, kind)
-            decoded.append(blocks if perm is None else blocks.rows(perm))
-        blocks = concat_rows(decoded, weight)
         expected = numpy_helper.to_array(rewriter.initializers[weight])  # [K, N]
         if lm_head is not None and logits in node.output:
-            from edge_slm_quantize.search import quantize_blocks
-
-            requantized = quantize_blocks(
+            requant = quantize_blocks(
                 expected,
                 bits=lm_head.bits,
                 block_size=lm_head.block_size,
                 symmetric=lm_head.symmetric or lm_head.bits == 8,
                 importance=importance.get(node.input[0]) if importance else None,
             )
-            nodes.extend(rewriter.replace(node, weight, requantized))
-            requantized_from = f"{'+'.join(kinds)} -> {requantized.types[0]} {lm_head.bits}-bit"
+            nodes.extend(rewriter.replace(node, weight, requant))
+            requantized_from = f"{'+'.join(kinds)} -> {requant.types[0]} {lm_head.bits}-bit"
             continue
-        if expected.shape != blocks.shape[::-1]:
+        rows = sum(source.tensors[name][1].shape[0] for name, _ in parts)
+        if expected.shape[1] != rows:
             raise GGUFMismatchError(
-                f"graph weight {weight!r} is {list(expected.shape)}, the GGUF blocks give "
-                f"{list(blocks.shape[::-1])}"
+                f"graph weight {weight!r} is {list(expected.shape)}, the GGUF tensors "
+                f"{[name for name, _ in parts]} have {rows} rows together"
             )
-        diff = float(np.abs(blocks.dequantize() - expected.T).max())
-        scale = float(np.abs(expected).max()) or 1.0
-        if diff > MATCH_TOLERANCE * scale:
-            raise GGUFMismatchError(
-                f"graph weight {weight!r} differs from the de-quantized GGUF tensors "
-                f"{[name for name, _ in parts]} by {diff:.3g} (tolerance "
-                f"{MATCH_TOLERANCE * scale:.3g}): was the bundle exported from this GGUF?"
-            )
-        worst = max(worst, diff)
-        types.update(kinds)
-        nodes.extend(rewriter.replace(node, weight, blocks))
+        pieces: list[Blocks] = []
+        start = 0
+        for (name, perm), kind in zip(parts, kinds, strict=True):
+            data = source.tensors[name][1]
+            columns = expected[:, start : start + data.shape[0]]
+            start += data.shape[0]
+            blocks: Blocks | None = None
+            try:
+                blocks = decode_blocks(data, kind, name)
+            except UnsupportedGGUFTypeError:
+                if requantize is None:
+                    raise
+            if blocks is not None and perm is not None:
+                blocks = blocks.rows(perm)
+            if requantize is not None and (blocks is None or blocks.bits > requantize.bits):
+                # the smaller variant: searched blocks from the de-quantized weights
+                piece = quantize_blocks(
+                    columns,
+                    bits=requantize.bits,
+                    block_size=requantize.block_size,
+                    symmetric=requantize.symmetric or requantize.bits == 8,
+                    importance=importance.get(node.input[0])
+                    if importance and logits in node.output
+                    else None,
+                )
+                requantized[name] = f"{kind} -> {piece.types[0]} {requantize.bits}-bit"
+                pieces.append(piece)
+                continue
+            assert blocks is not None
+            if blocks.shape[1] != expected.shape[0]:
+                raise GGUFMismatchError(
+                    f"GGUF tensor {name!r} has {blocks.shape[1]} inputs, graph weight "
+                    f"{weight!r} has {expected.shape[0]}"
+                )
+            worst = max(worst, _check_part(name, kind, data, perm, blocks, columns))
+            types[kind] += 1
+            pieces.append(blocks)
+        groups = _containers(pieces)
+        if len(groups) == 1:
+            nodes.extend(rewriter.replace(node, weight, concat_rows(groups[0])))
+        else:
+            nodes.extend(_split_nodes(rewriter, node, weight, groups))
+            split += 1
     rewriter.splice(model, nodes)
     return GGUFResult(
         model=model,
@@ -355,4 +415,6 @@ def transcode_gguf(
         max_abs_weight_diff=worst,
         source=str(source.path),
         lm_head_requantized=requantized_from,
+        requantized=requantized,
+        split_projections=split,
     )

@@ -1,4 +1,6 @@
-"""GGUF transcoding (quantize/gguf.py): a GGUF's Q4_0/Q4_1/Q8_0 blocks carried into MatMulNBits.
+"""GGUF transcoding (quantize/gguf.py) end to end: a tiny Llama GGUF through export and CLI.
+
+Every carried type's bit-exactness on its own is in tests/test_gguf_kquants.py.
 
 A tiny Llama is written as a GGUF file here (tests/tiny_gguf.py, mixed Q4_0 / Q4_1 /
 Q8_0 tensors, Q/K rows permuted as llama.cpp does), exported through transformers to
@@ -52,7 +54,9 @@ def _fp16_bytes(values: np.ndarray) -> np.ndarray:
     return half[..., None].view(np.uint8)
 
 
-def _ggml_bytes(kind: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
+def _ggml_bytes(
+    kind: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray, zero: np.ndarray
+) -> np.ndarray:
     """GGUF block bytes ``[N, K/32 * block bytes]`` rebuilt from MatMulNBits codes/scales."""
     rows = codes.shape[0]
     if kind == "Q8_0":
@@ -60,8 +64,9 @@ def _ggml_bytes(kind: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarr
         blocks = np.concatenate([_fp16_bytes(scales), qs], axis=-1)
     else:
         nibbles = codes[..., :16] | (codes[..., 16:] << 4)
-        # the bundle's block offset is m + 8d (centred codes): the GGUF's m = offset - 8d
-        offset = (mins - np.float32(8) * scales).astype(np.float32)
+        # the bundle's block offset is m + z d (z = 8: centred codes; 0 where m + 8d
+        # would round): the GGUF's m = offset - z d
+        offset = (mins - zero.astype(np.float32) * scales).astype(np.float32)
         head = [_fp16_bytes(scales)] + ([_fp16_bytes(offset)] if kind == "Q4_1" else [])
         blocks = np.concatenate([*head, nibbles], axis=-1)
     return blocks.reshape(rows, -1)
@@ -108,6 +113,12 @@ def test_blocks_are_bit_identical_to_the_gguf(gguf_bundles: Any) -> None:
         else:
             codes[:] = packed
         scales = inits[node.input[2]].reshape(n, k // 32)
+        zero = np.full((n, k // 32), 8 if bits == 4 else 128, np.uint8)
+        if len(node.input) > 3:
+            packed_zp = inits[node.input[3]].reshape(n, -1)
+            zero = np.stack([packed_zp & 0x0F, packed_zp >> 4], axis=-1).reshape(n, -1)[
+                :, : k // 32
+            ]
         base = node.input[1].rsplit("_Q", 1)[0]
         mins = inits.get(f"{base}_block_mins", np.zeros((k // 32, n), np.float32)).T
         if base.startswith("embed_tokens"):
@@ -127,6 +138,7 @@ def test_blocks_are_bit_identical_to_the_gguf(gguf_bundles: Any) -> None:
                 codes[start : start + rows],
                 scales[start : start + rows],
                 mins[start : start + rows],
+                zero[start : start + rows],
             )
             if key in ("attn_q", "attn_k"):
                 rebuilt = _permute(rebuilt, heads if key == "attn_q" else kv_heads)
@@ -206,8 +218,10 @@ def test_unsupported_types_and_settings_are_named() -> None:
     from edge_slm_quantize.gguf import UnsupportedGGUFTypeError, decode_blocks
     from edge_slm_quantize.methods import get_method
 
-    with pytest.raises(UnsupportedGGUFTypeError, match=r"Q4_K.*Q4_0', 'Q4_1', 'Q8_0"):
-        decode_blocks(np.zeros((2, 144), np.uint8), "Q4_K")
+    with pytest.raises(
+        UnsupportedGGUFTypeError, match=r"'w' is stored as IQ4_NL.*'Q6_K'.*gguf-small"
+    ):
+        decode_blocks(np.zeros((2, 144), np.uint8), "IQ4_NL", "w")
     with pytest.raises(QuantizationError, match="block_size"):
         get_method("gguf").settings(block_size=64)
     assert get_method("gguf").settings(accuracy_level=1).accuracy_level == 1
