@@ -533,6 +533,9 @@ def build_parser() -> ArgumentParser:
 
     for cmd in add_encoder_commands(sub):  # classify, embed
         add_common_arguments(cmd)
+    from edge_slm.cli.train import add_train_command
+
+    add_common_arguments(add_train_command(sub))
     info = sub.add_parser(
         "info",
         help="show what a bundle is (model, context, quantization, files)",
@@ -701,6 +704,10 @@ def _dispatch(argv: list[str]) -> int:
         from edge_slm.cli.encoders import run_encoder_command
 
         return run_encoder_command(args)
+    if args.command == "train":
+        from edge_slm.cli.train import run_train
+
+        return run_train(args)
     if args.command == "doctor":
         from edge_slm.cli.doctor import run_doctor
 
