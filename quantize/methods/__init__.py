@@ -6,7 +6,7 @@ One module per method family, each with a module-level tuple ``METHODS`` of
 * ``rtn.py``: round-to-nearest (onnxruntime's quantizer): ``int8``, ``int8-shared``,
   ``int4-rtn``, ``int4-rtn-shared``, ``int4-rtn-emb8``;
 * ``searched.py``: searched per-block scales: ``int4-search``;
-* ``gguf.py``: a GGUF source's own blocks: ``gguf``, ``gguf-head4``.
+* ``gguf.py``: a GGUF source's own blocks: ``gguf``, ``gguf-small``, ``gguf-head4``.
 
 The shared passes stay outside this folder (``weight_only.py``, ``search.py``,
 ``gguf.py``, ``shared_embedding.py``, ``graph_passes.py``, ``blocks.py``). A new method

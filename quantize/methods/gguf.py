@@ -1,8 +1,15 @@
-"""Methods that keep a GGUF source's own blocks (``gguf``, ``gguf-head4``).
+"""Methods that keep a GGUF source's own blocks (``gguf``, ``gguf-small``, ``gguf-head4``).
 
-A bundle exported from a GGUF file holds those 4-bit weights de-quantized; carrying the
-file's Q4_0/Q4_1/Q8_0 blocks into MatMulNBits loses nothing where re-quantizing them on
-another grid loses accuracy a second time. The transcoding is :mod:`edge_slm_quantize.gguf`.
+A bundle exported from a GGUF file holds those weights de-quantized; carrying the file's
+blocks into MatMulNBits loses nothing where re-quantizing them on another grid loses
+accuracy a second time. The transcoding is :mod:`edge_slm_quantize.gguf`:
+
+* ``gguf``: every weight exactly (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K); a tensor in
+  another type (IQ*, ...) is refused naming it;
+* ``gguf-small``: the 4-bit-container types (Q4_0, Q4_1, Q2_K, Q3_K, Q4_K) exactly, the
+  wider ones (Q5_*, Q6_K, Q8_0, embedding / lm_head included) and unreadable ones
+  re-quantized to 4-bit searched blocks from their de-quantized weights;
+* ``gguf-head4``: every layer exactly, only the lm_head (and tied embedding) in 4 bits.
 """
 
 from __future__ import annotations
@@ -94,6 +101,25 @@ def _gguf_lm_head4(
     return share_embedding(result, logits)
 
 
+def _gguf_small(
+    model: onnx.ModelProto, settings: WeightOnlySettings, logits: str, context: MethodContext
+) -> QuantizedGraph:
+    from edge_slm_quantize.gguf import read_gguf, transcode_gguf
+    from edge_slm_quantize.search import lm_head_importance
+
+    _check_fused(context)
+    source = read_gguf(gguf_source_path(context))
+    result = transcode_gguf(
+        model,
+        source,
+        settings,
+        logits=logits,
+        requantize=replace(settings, bits=4),
+        importance=lm_head_importance(model, logits),
+    )
+    return share_embedding(result, logits)
+
+
 METHODS = (
     Method(
         name="gguf-head4",
@@ -103,12 +129,21 @@ METHODS = (
         apply=_gguf_lm_head4,
     ),
     Method(
+        name="gguf-small",
+        defaults=WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4),
+        summary="gguf's 4-bit blocks (Q4_0/Q4_1/Q2_K/Q3_K/Q4_K) unchanged; wider or unreadable "
+        "types (Q5_x, Q6_K, Q8_0, IQ*) re-quantized to 4-bit searched blocks (block_size, "
+        "symmetric apply to those)",
+        apply=_gguf_small,
+    ),
+    Method(
         name="gguf",
         # bits/block_size describe the usual case (Q4_x); the real types per tensor are
         # in the manifest's details (gguf_tensor_types).
         defaults=WeightOnlySettings(bits=4, block_size=32, symmetric=False, accuracy_level=4),
-        summary="the GGUF source's own Q4_0/Q4_1/Q8_0 blocks carried into MatMulNBits unchanged; "
-        "the tied embedding shares the lm_head's blocks",
+        summary="the GGUF source's own blocks carried into MatMulNBits exactly (Q4_0/Q4_1/"
+        "Q5_0/Q5_1/Q8_0, Q2_K..Q6_K; other types refused); the tied embedding shares the "
+        "lm_head's blocks",
         apply=_gguf,
         fixed_blocks=True,
     ),
