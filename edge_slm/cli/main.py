@@ -610,6 +610,9 @@ def build_parser() -> ArgumentParser:
     from edge_slm.cli.doctor import add_doctor_parser
 
     add_common_arguments(add_doctor_parser(sub))
+    from edge_slm.cli.batch import add_batch_parser
+
+    add_common_arguments(add_batch_parser(sub))
     return parser
 
 
@@ -708,6 +711,10 @@ def _dispatch(argv: list[str]) -> int:
         from edge_slm.cli.train import run_train
 
         return run_train(args)
+    if args.command == "batch":
+        from edge_slm.cli.batch import run_batch
+
+        return run_batch(args)
     if args.command == "doctor":
         from edge_slm.cli.doctor import run_doctor
 
