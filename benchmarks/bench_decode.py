@@ -48,6 +48,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import peers  # benchmarks/peers.py: torch's HF folder, genai's venv and model
 from peers import GGUF, HF_DIR, ROOT
@@ -554,6 +555,87 @@ def _cpu_name() -> str:
     return f"{name} x {os.cpu_count()} CPUs"
 
 
+# ------------------------------------------------------------------ --profile: one step
+PROFILE_PROMPT = "Write a short story about a robot who learns to paint, in three paragraphs."
+PROFILE_PARTS = {
+    "forward": "onnxruntime forward (`run_with_iobinding`)",
+    "sampling": "sampling (processors, greedy argmax, log-probs)",
+    "text": "text (streaming detokenizer, stop strings)",
+    "other": "loop, step scheduler, input binding, generator hand-offs",
+    "total": "**whole decode step**",
+}
+
+
+def profile_steps(bundle: Path, threads: int, new_tokens: int, runs: int) -> str:
+    """Where a decode step's time goes, through the library's own loop (``stream_chat``).
+
+    Wraps, in this process, onnxruntime's ``run_with_iobinding`` and ``run`` (the
+    forward), ``SamplingState.sample`` (processors, sampler, log-probs) and
+    ``TextChunker.push`` (detokenizer, stop strings); the rest of the wall time is the
+    loop, the step scheduler, binding the inputs and the generator hand-offs. Greedy,
+    no processor, at most ``new_tokens``; ms per decode step (first token excluded), medians over ``runs`` runs; once without log-probs (the default) and
+    once with ``logprobs=0`` (the chosen token's log-probability, which every step
+    computed before 2026-11-29). Returns a markdown table.
+    """
+    import time
+
+    import edge_slm
+    from edge_slm.generation import chunks, loop
+
+    model = edge_slm.load(bundle, threads=threads)
+    session: Any = model.decoder.session  # type: ignore[union-attr]
+    spent = dict.fromkeys(("forward", "sampling", "text"), 0.0)
+
+    def timed(key: str, function: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            begin = time.perf_counter()
+            try:
+                return function(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - begin
+
+        return wrapper
+
+    for name in ("run_with_iobinding", "run"):
+        setattr(session, name, timed("forward", getattr(session, name)))
+    loop.SamplingState.sample = timed("sampling", loop.SamplingState.sample)  # type: ignore[method-assign]
+    chunks.TextChunker.push = timed("text", chunks.TextChunker.push)  # type: ignore[method-assign]
+    rows: dict[str, list[dict[str, float]]] = {}
+    messages = [{"role": "user", "content": PROFILE_PROMPT}]
+    model.chat(messages, max_new_tokens=4, temperature=0.0)  # warm-up
+    for _ in range(runs):
+        for label, logprobs in (("logprobs=None (default)", None), ("logprobs=0", 0)):
+            stream = model.stream_chat(
+                messages, max_new_tokens=new_tokens, temperature=0.0, logprobs=logprobs
+            )
+            steps, begin = 0, 0.0
+            for chunk in stream:
+                if not steps:  # timing starts after the first token (prefill excluded)
+                    begin = time.perf_counter()
+                    spent.update(dict.fromkeys(spent, 0.0))
+                steps += len(chunk.steps)
+            total = time.perf_counter() - begin
+            decoded = steps - 1
+            part = {k: 1e3 * v / decoded for k, v in spent.items()}
+            part["total"] = 1e3 * total / decoded
+            part["other"] = part["total"] - sum(part[k] for k in spent)
+            rows.setdefault(label, []).append(part)
+    labels = list(rows)
+    med = {
+        lab: {k: statistics.median(r[k] for r in rows[lab]) for k in PROFILE_PARTS}
+        for lab in labels
+    }
+    lines = [
+        f"| part of a decode step | {' | '.join(f'ms, {lab}' for lab in labels)} | share, default |",
+        "|---|" + "---:|" * (len(labels) + 1),
+    ]
+    for key, what in PROFILE_PARTS.items():
+        cells = " | ".join(f"{med[lab][key]:.3f}" for lab in labels)
+        share = 100 * med[labels[0]][key] / med[labels[0]]["total"]
+        lines.append(f"| {what} | {cells} | {share:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -585,7 +667,18 @@ def main() -> int:
     parser.add_argument("--no-optimum", action="store_true", help="skip optimum's plain graph")
     parser.add_argument("--raw-json", type=Path, help="also write every run's numbers here")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/performance.md")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="BUNDLE",
+        help="only profile decode steps of BUNDLE (where the time goes) and print a table",
+    )
     args = parser.parse_args()
+    if args.profile:
+        print(f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+        print(profile_steps(args.profile, args.threads, 128, args.rounds))
+        print(f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+        return 0
     if args.no_genai:
         args.genai_python = args.genai_model = None
     elif bool(args.genai_python) != bool(args.genai_model):

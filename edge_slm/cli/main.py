@@ -245,7 +245,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, chat: bool) -> No
     out.add_argument(
         "--logprobs",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="with --json: each token's log-probability and its N likeliest alternatives",
     )

@@ -9,6 +9,7 @@ token at a time.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 
@@ -19,8 +20,10 @@ from edge_slm.generation.backends import Backend
 from edge_slm.generation.kv_slots import KVState
 from edge_slm.generation.options import DecodeConfig
 from edge_slm.generation.results import RunStats, TokenStep
-from edge_slm.generation.sampling import top_logprobs
+from edge_slm.generation.sampling import TokenLogprob, top_logprobs
 from edge_slm.text.stops import Deadline, FinishReason
+
+_NO_ALTERNATIVES: tuple[TokenLogprob, ...] = ()
 
 PREFILL_CHUNK = 256
 """Prompt tokens computed per forward (see :func:`compute_prompt`)."""
@@ -80,7 +83,9 @@ class SamplingState:
             if self.constraint is not None and not np.isfinite(row).any():
                 row = masked  # the processors banned every allowed token: the constraint wins
         token = config.sampler(row, self.rng)
-        logprob, alternatives = top_logprobs(row, token, config.logprobs)
+        logprob, alternatives = math.nan, _NO_ALTERNATIVES
+        if config.wants_logprob:  # a log-sum-exp over the vocabulary: only when asked
+            logprob, alternatives = top_logprobs(row, token, config.logprobs)
         self.generated.append(token)
         self.history.append(token)
         reason: FinishReason | None = None

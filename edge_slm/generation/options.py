@@ -40,6 +40,11 @@ class GenerationOptions:
     :class:`~edge_slm.Grammar`; needs ``edge-slm[structured]``) masks every token the
     output could not continue with, before the processors and the sampler
     (docs/structured-output.md).
+
+    ``logprobs`` (as in llama-cpp-python): None computes no log-probability (each
+    :class:`~edge_slm.generation.results.TokenStep` carries NaN; the decode loop then
+    does only what sampling needs), 0 the chosen token's, n also its n likeliest
+    alternatives.
     """
 
     max_new_tokens: int | None = None
@@ -57,7 +62,7 @@ class GenerationOptions:
     stop_token_ids: Sequence[int] = ()
     seed: int | None = None
     deadline_s: float | None = None
-    logprobs: int = 0
+    logprobs: int | None = None
     truncate_prompt: bool = False
     constraint: Constraint | None = None
 
@@ -107,7 +112,12 @@ class DecodeConfig:
     @property
     def logprobs(self) -> int:
         """How many alternatives to report per token (0: none)."""
-        return self.options.logprobs
+        return self.options.logprobs or 0
+
+    @property
+    def wants_logprob(self) -> bool:
+        """Whether the chosen token's log-probability is computed (``logprobs`` set)."""
+        return self.options.logprobs is not None
 
     def deadline(self) -> Deadline:
         """A fresh deadline for one call (its clock starts now)."""
@@ -160,7 +170,8 @@ def resolve_options(
     """
     opts = _defaults_filled(options, defaults)
     _check_int("max_new_tokens", opts.max_new_tokens, 1)
-    _check_int("logprobs", opts.logprobs, 0, MAX_LOGPROBS)
+    if opts.logprobs is not None:
+        _check_int("logprobs", opts.logprobs, 0, MAX_LOGPROBS)
     if opts.seed is not None:
         _check_int("seed", opts.seed, 0)
     if isinstance(opts.stop, str):

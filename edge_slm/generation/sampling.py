@@ -772,6 +772,13 @@ def make_sampler(
     if temperature == 0:
 
         def greedy(logits: FloatArray, rng: np.random.Generator | None = None) -> int:
+            # One pass: argmax stops at the first NaN, so the checks need only the
+            # chosen value; anything odd goes through _as_logits for its error.
+            row = np.asarray(logits)
+            if row.ndim == 1 and row.shape[0] and row.dtype.kind == "f":
+                token = int(np.argmax(row))
+                if -np.inf < row[token] < np.inf:
+                    return token
             return int(np.argmax(_as_logits(logits)))
 
         return greedy

@@ -418,7 +418,7 @@ def parse_completion(
         "repetition_penalty": _number(body, "repetition_penalty", 0.0, 10.0),
         "stop": _stop(body),
         "logit_bias": _logit_bias(body, vocab_size),
-        "logprobs": top_logprobs,
+        "logprobs": top_logprobs if logprobs else None,  # None: none computed
         "constraint": _response_format(body),
     }
     options = {k: v for k, v in options.items() if v is not None}
