@@ -140,7 +140,7 @@ class BlockJob:
             raise InvalidArgumentError("text_column must name a field, got ''")
         file_format(input)
         self.out_kind = file_format(output)
-        if not input.is_file():
+        if not input.exists():  # a file, or a named pipe
             raise InvalidArgumentError(f"input file {str(input)!r} does not exist")
         if not output.parent.is_dir():
             raise InvalidArgumentError(f"output folder {str(output.parent)!r} does not exist")
