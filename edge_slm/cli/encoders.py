@@ -1,13 +1,14 @@
-"""``edge-slm classify`` and ``edge-slm embed``: texts from arguments or a file, JSONL out.
+"""``edge-slm classify``, ``embed`` and ``ner``: texts from arguments or a file, JSONL out.
 
     edge-slm classify BUNDLE "great film" "awful service"
     edge-slm classify BUNDLE --input feedback.csv --output labels.jsonl --batch-size 32
     edge-slm embed BUNDLE --input faq.txt --output faq-vectors.jsonl
+    edge-slm ner BUNDLE "Wolfgang lives in Berlin" --aggregation first
 
 Input files are JSONL (``text``, optional ``text_pair``), CSV with a ``text`` column, or
 plain text (one text per line), read lazily. Each output line is the input record's
-fields plus the result (``label``, ``score``, ``labels``, ``scores``, ``truncated`` or
-``embedding``). Progress goes to stderr; results to stdout or ``--output``.
+fields plus the result (``label``, ``score``, ``labels``, ``scores``, ``truncated``;
+``embedding``; or ``entities``, ``truncated``). Progress goes to stderr; results to stdout or ``--output``.
 """
 
 from __future__ import annotations
@@ -24,14 +25,21 @@ from edge_slm.cli.progress import Progress, is_terminal
 from edge_slm.encoders.classify import TextClassifier
 from edge_slm.encoders.embed import TextEmbedder
 from edge_slm.encoders.encoder import TRUNCATION_MODES
+from edge_slm.encoders.entities import AGGREGATIONS
+from edge_slm.encoders.token_classify import TokenClassifier
 from edge_slm.errors import InvalidArgumentError
 from edge_slm.text.records import Record, read_records
 
-COMMANDS = ("classify", "embed")
+COMMANDS = ("classify", "embed", "ner")
+_TASKS: dict[str, tuple[type[TextClassifier | TextEmbedder | TokenClassifier], str]] = {
+    "classify": (TextClassifier, "text-classification"),
+    "embed": (TextEmbedder, "feature-extraction"),
+    "ner": (TokenClassifier, "token-classification"),
+}
 
 
 def add_encoder_commands(sub: Any) -> list[argparse.ArgumentParser]:
-    """Add the ``classify`` and ``embed`` subcommands to an argparse subparsers object."""
+    """Add the ``classify``, ``embed`` and ``ner`` subcommands to an argparse subparsers object."""
     parsers = []
     for name, help_text, description in (
         (
@@ -46,6 +54,14 @@ def add_encoder_commands(sub: Any) -> list[argparse.ArgumentParser]:
             "Turn texts into embedding vectors with a feature-extraction bundle. Texts come\n"
             "from the command line or a file (--input); one JSON line per text goes to\n"
             "stdout or --output.",
+        ),
+        (
+            "ner",
+            "find named entities (or tags) with a token-classification bundle",
+            "Find named entities, or tag tokens, with a token-classification bundle: each\n"
+            "entity with its label, score, word and character offsets (start, end).\n"
+            "Texts come from the command line or a file (--input); one JSON line per text\n"
+            "goes to stdout or --output.",
         ),
     ):
         cmd = sub.add_parser(name, help=help_text, description=description)
@@ -69,7 +85,7 @@ def add_encoder_commands(sub: Any) -> list[argparse.ArgumentParser]:
         cmd.add_argument(
             "--truncation",
             choices=TRUNCATION_MODES,
-            default="error" if name == "classify" else "warn",
+            default="warn" if name == "embed" else "error",
             help="texts longer than the context: fail (error), cut with a warning (warn), "
             "or cut silently",
         )
@@ -95,6 +111,27 @@ def add_encoder_commands(sub: Any) -> list[argparse.ArgumentParser]:
                 metavar="P",
                 help="keep only labels with probability >= P",
             )
+        if name == "ner":
+            cmd.add_argument(
+                "--aggregation",
+                choices=AGGREGATIONS,
+                default="simple",
+                help="none: every token; simple: adjacent tokens of one entity grouped; "
+                "first/average/max: words first (label of their first token, of the "
+                "averaged scores, of their surest token), then grouped",
+            )
+            cmd.add_argument(
+                "--ignore-label",
+                action="append",
+                metavar="LABEL",
+                help="leave out this label (repeat for several; default: O)",
+            )
+            cmd.add_argument(
+                "--stride",
+                type=int,
+                metavar="N",
+                help="tag texts longer than the context whole, in windows sharing N tokens",
+            )
         parsers.append(cmd)
     return parsers
 
@@ -117,19 +154,18 @@ def _write(lines: Iterable[dict[str, Any]], out: TextIO) -> None:
 
 
 def run_encoder_command(args: argparse.Namespace) -> int:
-    """Run ``classify`` or ``embed``; returns the exit code."""
+    """Run ``classify``, ``embed`` or ``ner``; returns the exit code."""
     from edge_slm import load
 
     model = load(args.bundle, threads=args.threads)
-    wanted = TextClassifier if args.command == "classify" else TextEmbedder
+    wanted, task = _TASKS[args.command]
     if not isinstance(model, wanted):
         raise InvalidArgumentError(
             f"bundle {str(args.bundle)!r} is a {model.manifest.task} bundle; "
-            f"'edge-slm {args.command}' needs a "
-            f"{'text-classification' if args.command == 'classify' else 'feature-extraction'} one"
+            f"'edge-slm {args.command}' needs a {task} one"
         )
     show = args.input is not None and not args.no_progress
-    verb = "classifying" if args.command == "classify" else "embedding"
+    verb = {"classify": "classifying", "embed": "embedding", "ner": "tagging"}[args.command]
     progress = None
     if show:
         # On a terminal, a first quick pass over the file gives the bar its total.
@@ -152,6 +188,16 @@ def run_encoder_command(args: argparse.Namespace) -> int:
                 truncation=args.truncation,
             )
             convert: Callable[[Any], dict[str, Any]] = _classification
+        elif isinstance(model, TokenClassifier):
+            batches = model.classify_batches(
+                texts(),
+                aggregation=args.aggregation,
+                ignore_labels=args.ignore_label,
+                batch_size=args.batch_size,
+                truncation=args.truncation,
+                stride=args.stride,
+            )
+            convert = _classification
         else:
             batches = (
                 list(b)

@@ -531,7 +531,7 @@ def build_parser() -> ArgumentParser:
     _add_generation_arguments(chat, chat=True)
     from edge_slm.cli.encoders import add_encoder_commands
 
-    for cmd in add_encoder_commands(sub):  # classify, embed
+    for cmd in add_encoder_commands(sub):  # classify, embed, ner
         add_common_arguments(cmd)
     from edge_slm.cli.train import add_train_command
 
@@ -703,7 +703,7 @@ def _dispatch(argv: list[str]) -> int:
         return _run_bench(args)
     if args.command == "perplexity":
         return _run_perplexity(args)
-    if args.command in ("classify", "embed"):
+    if args.command in ("classify", "embed", "ner"):
         from edge_slm.cli.encoders import run_encoder_command
 
         return run_encoder_command(args)

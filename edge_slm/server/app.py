@@ -33,6 +33,7 @@ from edge_slm.server.limits import Admission, model_capacity
 from edge_slm.server.metrics import Gauge, Metrics
 from edge_slm.server.openai_schema import (
     CompletionRequest,
+    EncoderRequest,
     parse_classifications,
     parse_completion,
     parse_embeddings,
@@ -42,6 +43,7 @@ from edge_slm.server.registry import (
     CLASSIFICATION,
     EMBEDDING,
     GENERATION,
+    TOKEN_CLASSIFICATION,
     Registry,
     ServedModel,
 )
@@ -871,7 +873,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _classifications(self, body: dict[str, Any], started: float) -> int:
         request = parse_classifications(body, self.app.config.max_inputs)
-        served = self.app.registry.find(CLASSIFICATION, request.model)
+        served = self.app.registry.find((CLASSIFICATION, TOKEN_CLASSIFICATION), request.model)
+        if served.task == TOKEN_CLASSIFICATION:
+            return self._token_classifications(request, served, started)
+        for name in ("aggregation", "ignore_labels"):
+            if getattr(request, name) is not None:
+                raise bad_request(
+                    f"'{name}' applies to token-classification models; {served.id!r} is a "
+                    "text-classification model",
+                    name,
+                )
         with self._slot(started):
             results = list(
                 served.model.classify(
@@ -891,6 +902,41 @@ class Handler(BaseHTTPRequestHandler):
                 "labels": list(r.labels),
                 "scores": list(r.scores),
             }
+            for i, r in enumerate(results)
+        ]
+        return self._send_json(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": served.id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
+
+    def _token_classifications(
+        self, request: EncoderRequest, served: ServedModel, started: float
+    ) -> int:
+        """/v1/classifications on a token-classification model: entities per text."""
+        for name in ("top_k", "threshold"):
+            if getattr(request, name) is not None:
+                raise bad_request(
+                    f"'{name}' applies to text-classification models; {served.id!r} is a "
+                    "token-classification model (use 'aggregation', 'ignore_labels')",
+                    name,
+                )
+        with self._slot(started):
+            results = list(
+                served.model.classify(
+                    list(request.texts),
+                    aggregation=request.aggregation or "simple",
+                    ignore_labels=request.ignore_labels,
+                    truncation="error",
+                )
+            )
+        tokens = _encoder_tokens(served.model, request.texts)
+        data = [
+            {"object": "token_classification", "index": i, "entities": r.to_dict()["entities"]}
             for i, r in enumerate(results)
         ]
         return self._send_json(

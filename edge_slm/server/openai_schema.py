@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_slm.encoders.entities import AGGREGATIONS
 from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation.constraints import Constraint, Grammar, JsonSchema, Regex
 from edge_slm.generation.tools import Tool, parse_tools, tool_constraint, tool_messages
@@ -91,6 +92,8 @@ class EncoderRequest:
     dimensions: int | None = None
     top_k: int | None = None
     threshold: float | None = None
+    aggregation: str | None = None
+    ignore_labels: tuple[str, ...] | None = None
 
 
 # ------------------------------------------------------------------ field checks
@@ -500,17 +503,34 @@ def parse_embeddings(body: Mapping[str, Any], max_inputs: int) -> EncoderRequest
 
 
 def parse_classifications(body: Mapping[str, Any], max_inputs: int) -> EncoderRequest:
-    """Validate a /v1/classifications body (our endpoint, shaped like /v1/embeddings)."""
-    _check_unknown(body, frozenset({"model", "input", "top_k", "threshold"}))
+    """Validate a /v1/classifications body (our endpoint, shaped like /v1/embeddings);
+    ``aggregation`` and ``ignore_labels`` are for token-classification models."""
+    known = {"model", "input", "top_k", "threshold", "aggregation", "ignore_labels"}
+    _check_unknown(body, frozenset(known))
     texts, single = _texts(body)
     if len(texts) > max_inputs:
         raise bad_request(f"'input' takes at most {max_inputs} texts", "input")
+    aggregation = body.get("aggregation")
+    if aggregation is not None and aggregation not in AGGREGATIONS:
+        raise bad_request(
+            f"'aggregation' must be one of {list(AGGREGATIONS)}, got {aggregation!r}",
+            "aggregation",
+        )
+    ignore = body.get("ignore_labels")
+    if ignore is not None and (
+        not isinstance(ignore, list) or not all(isinstance(label, str) for label in ignore)
+    ):
+        raise bad_request(
+            f"'ignore_labels' must be a list of label strings, got {ignore!r}", "ignore_labels"
+        )
     return EncoderRequest(
         model=_model(body),
         texts=texts,
         single=single,
         top_k=_integer(body, "top_k", 1),
         threshold=_number(body, "threshold", 0.0, 1.0),
+        aggregation=aggregation,
+        ignore_labels=None if ignore is None else tuple(ignore),
     )
 
 

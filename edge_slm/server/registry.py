@@ -19,6 +19,7 @@ from edge_slm.server.errors import RETRY_AFTER_S, ApiError
 
 GENERATION = "text-generation"
 CLASSIFICATION = "text-classification"
+TOKEN_CLASSIFICATION = "token-classification"
 EMBEDDING = "feature-extraction"
 
 Loader = Callable[[Path], Any]
@@ -95,10 +96,13 @@ class Registry:
                 503, f"the models failed to load: {self.error}", "server_error", code="load_failed"
             )
 
-    def find(self, task: str, name: str | None) -> ServedModel:
-        """The model called ``name`` (None: the first one) that does ``task``."""
+    def find(self, task: str | tuple[str, ...], name: str | None) -> ServedModel:
+        """The model called ``name`` (None: the first one) that does ``task`` (or one of
+        several tasks)."""
         self.check_ready()
-        fitting = [m for m in self._models.values() if m.task == task]
+        tasks = (task,) if isinstance(task, str) else task
+        task = " or ".join(tasks)
+        fitting = [m for m in self._models.values() if m.task in tasks]
         if name is None:
             if not fitting:
                 raise ApiError(
@@ -106,7 +110,7 @@ class Registry:
                 )
             return fitting[0]
         found = self._models.get(name)
-        if found is None or found.task != task:
+        if found is None or found.task not in tasks:
             ids = ", ".join(m.id for m in fitting) or "none"
             what = "does not exist" if found is None else f"is a {found.task} model"
             raise ApiError(

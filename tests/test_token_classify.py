@@ -1,0 +1,354 @@
+"""Token classification (NER): export, parity with transformers' pipeline, API, CLI, server.
+
+The reference is ``transformers.pipeline("token-classification")`` on the same tiny random
+models (BERT and DistilBERT with WordPiece, RoBERTa with byte-level BPE): for every
+aggregation strategy our entities must equal the pipeline's (labels, words, character
+offsets exactly; scores within 1e-5), on texts with words split into several sub-tokens,
+punctuation, unknown characters and unicode.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from itertools import count, islice
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from tiny_encoders import ENCODERS, NER_LABELS, build_token_classifier
+
+import edge_slm
+from edge_slm import (
+    BundleError,
+    ContextLengthError,
+    InvalidArgumentError,
+    TextClassifier,
+    TokenClassifier,
+    TruncationWarning,
+)
+from edge_slm.bundle import read_bundle
+from edge_slm.cli.main import main
+from edge_slm.encoders.entities import AGGREGATIONS
+from edge_slm_export.encoder import detect_task, export_encoder
+
+TEXTS = [
+    "Wolfgang Amadeus Mozart lived in Vienna and worked for the Archbishop of Salzburg.",
+    "Where is the nearest train station? How do I get to the airport!",
+    "Café, naïve, über, 東京 and 😀 are words too; Straße Ж ok.",
+    "unbelievably-longwordsthatsplit, e-mail: someone@example.org (really?)",
+    "  leading and trailing spaces  ",
+    "",
+    "The quick brown fox jumps over the lazy dog.",
+]
+LONG = " ".join(TEXTS[:4]) * 2  # well over the tiny models' 64 positions
+SCORE_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ner-src")
+    return {family: build_token_classifier(family, root / family, seed=3) for family in ENCODERS}
+
+
+@pytest.fixture(scope="module")
+def bundles(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ner-bundles")
+    return {family: export_encoder(str(src), root / family) for family, src in sources.items()}
+
+
+@pytest.fixture(scope="module")
+def pipelines(sources: dict[str, Path]) -> dict[str, Any]:
+    """family -> transformers' token-classification pipeline over the source model."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+
+    out = {}
+    for family, src in sources.items():
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        if family == "distilbert":  # DistilBertTokenizerFast's inputs (no token types)
+            tokenizer.model_input_names = ["input_ids", "attention_mask"]
+        model = AutoModelForTokenClassification.from_pretrained(src).eval()
+        out[family] = pipeline("token-classification", model=model, tokenizer=tokenizer)
+    return out
+
+
+def _tagger(bundle: Path) -> TokenClassifier:
+    model = edge_slm.load(bundle)
+    assert isinstance(model, TokenClassifier)
+    return model
+
+
+def _reference(pipe: Any, text: str, **options: Any) -> list[dict[str, Any]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BPE's "fallback heuristic" warning
+        return list(pipe(text, **options))
+
+
+def assert_same_entities(expected: list[dict[str, Any]], got: list[dict[str, Any]]) -> None:
+    """Same entities in the same order: all fields equal, scores within SCORE_TOLERANCE."""
+    assert len(got) == len(expected), (expected, got)
+    for want, have in zip(expected, got, strict=True):
+        want, have = dict(want), dict(have)
+        want_score, have_score = float(want.pop("score")), have.pop("score")
+        assert have == want
+        assert isinstance(have_score, float)
+        assert abs(have_score - want_score) <= SCORE_TOLERANCE, (want, want_score, have_score)
+
+
+# --------------------------------------------------------------------------- export
+@pytest.mark.parametrize("family", ENCODERS)
+def test_export_writes_a_validated_token_classification_bundle(
+    family: str, sources: dict[str, Path], bundles: dict[str, Path]
+) -> None:
+    assert detect_task(str(sources[family])) == "token-classification"
+    manifest = read_bundle(bundles[family])
+    assert manifest.task == "token-classification"
+    assert manifest.labels == list(NER_LABELS)
+    assert manifest.validation is not None
+    assert manifest.validation.max_abs_logit_diff <= manifest.validation.tolerance
+    assert manifest.encoder is not None and manifest.encoder.output == "logits"
+    assert (manifest.encoder.token_type_ids is not None) == (family == "bert")
+    tagger = _tagger(bundles[family])
+    assert tagger.labels == NER_LABELS
+    with pytest.raises(BundleError, match="text-classification bundle"):
+        TextClassifier(bundles[family], manifest)
+
+
+# --------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("family", ENCODERS)
+def test_entities_equal_the_transformers_pipeline(
+    family: str,
+    aggregation: str,
+    bundles: dict[str, Path],
+    pipelines: dict[str, Any],
+) -> None:
+    tagger = _tagger(bundles[family])
+    # one call over all texts: padded, length-sorted batches of 3 (the pipeline runs 1 by 1)
+    got = list(tagger.classify(TEXTS, aggregation=aggregation, batch_size=3))  # type: ignore[arg-type]
+    for text, result in zip(TEXTS, got, strict=True):
+        expected = _reference(pipelines[family], text, aggregation_strategy=aggregation)
+        assert_same_entities(expected, [e.to_dict() for e in result.entities])
+        assert not result.truncated
+        for entity in result.entities:
+            assert 0 <= entity.start <= entity.end <= len(text)  # "Ġ" alone: an empty span
+    assert sum(len(r.entities) for r in got) >= 10  # the check compares real entities
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+def test_the_texts_exercise_sub_words_grouping_and_unknown_tokens(
+    family: str, bundles: dict[str, Path]
+) -> None:
+    """Guards the parity test: words of 3+ tokens, multi-token groups, an [UNK] (WordPiece)."""
+    tagger = _tagger(bundles[family])
+    tokenizer = tagger.model.tokenizer
+    pieces = [
+        len(tokenizer.encode(word, add_special_tokens=False).ids) for word in TEXTS[3].split()
+    ]
+    assert max(pieces) >= 3
+    tokens = sum(len(r.entities) for r in tagger.classify(TEXTS, aggregation="none"))
+    words = sum(len(r.entities) for r in tagger.classify(TEXTS, aggregation="first"))
+    assert words < tokens
+    if family != "roberta":  # byte-level BPE has no unknown token
+        assert tagger.facts.unk_token_id in tokenizer.encode(TEXTS[2]).ids
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+def test_ignore_labels_as_the_pipeline(
+    family: str, bundles: dict[str, Path], pipelines: dict[str, Any]
+) -> None:
+    tagger = _tagger(bundles[family])
+    for ignore in ([], ["O", "PER", "MISC"]):
+        got = tagger.classify(TEXTS[0], aggregation="simple", ignore_labels=ignore)
+        expected = _reference(
+            pipelines[family], TEXTS[0], aggregation_strategy="simple", ignore_labels=ignore
+        )
+        assert_same_entities(expected, [e.to_dict() for e in got.entities])
+    labels = {e.label for e in tagger(TEXTS[0], aggregation="simple", ignore_labels=[])}
+    assert "O" in labels or "O" not in {e.label for e in tagger(TEXTS[0], aggregation="none")}
+
+
+@pytest.mark.parametrize("aggregation", ["simple", "first", "average", "max"])
+@pytest.mark.parametrize("family", ENCODERS)
+def test_stride_windows_equal_the_pipeline(
+    family: str, aggregation: str, bundles: dict[str, Path], pipelines: dict[str, Any]
+) -> None:
+    tagger = _tagger(bundles[family])
+    result = tagger.classify(LONG, aggregation=aggregation, stride=16)  # type: ignore[arg-type]
+    assert result.windows >= 3 and not result.truncated
+    expected = _reference(pipelines[family], LONG, aggregation_strategy=aggregation, stride=16)
+    assert_same_entities(expected, [e.to_dict() for e in result.entities])
+    assert max(e.end for e in result.entities) > len(LONG) // 2  # the whole text was tagged
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+def test_truncation_refuses_or_cuts_like_the_pipeline(
+    family: str, bundles: dict[str, Path], pipelines: dict[str, Any]
+) -> None:
+    tagger = _tagger(bundles[family])
+    with pytest.raises(ContextLengthError, match="stride=N"):
+        tagger.classify(LONG)
+    with pytest.warns(TruncationWarning):
+        cut = tagger.classify(LONG, aggregation="first", truncation="warn")
+    assert cut.truncated
+    # the pipeline cuts silently to the tokenizer's model_max_length
+    expected = _reference(pipelines[family], LONG, aggregation_strategy="first")
+    assert_same_entities(expected, [e.to_dict() for e in cut.entities])
+
+
+# --------------------------------------------------------------------------- API
+def test_batches_lazy_iteration_and_call_shapes(bundles: dict[str, Path]) -> None:
+    tagger = _tagger(bundles["bert"])
+    one_by_one = [tagger.classify(t, aggregation="average") for t in TEXTS]
+    batched = list(tagger.classify(TEXTS, aggregation="average", batch_size=2))
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert [(e.label, e.word, e.start, e.end) for e in a.entities] == [
+            (e.label, e.word, e.start, e.end) for e in b.entities
+        ]
+        np.testing.assert_allclose(
+            [e.score for e in a.entities], [e.score for e in b.entities], atol=1e-6
+        )
+    # an endless iterable: only what is asked for is read (in windows of 8 batches)
+    endless = (f"message {i} from Vienna" for i in count())
+    firsts = list(islice(tagger.classify(endless, batch_size=2), 5))
+    assert len(firsts) == 5
+    assert tagger(TEXTS[0]) == list(tagger.classify(TEXTS[0]).entities)
+    assert tagger(TEXTS[:2], aggregation="none") == [
+        list(r.entities) for r in tagger.classify(TEXTS[:2], aggregation="none")
+    ]
+    batches = list(tagger.classify_batches(TEXTS, batch_size=3))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert tagger.classify("").entities == ()
+    assert tagger.logits(TEXTS[:2]).shape[::2] == (2, len(NER_LABELS))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"aggregation": "longest"}, "aggregation must be one of"),
+        ({"aggregation": "none", "stride": 8}, "stride needs a grouping aggregation"),
+        ({"stride": 62}, r"stride must be an integer in \[0, 61\]"),
+        ({"stride": -1}, "stride must be"),
+        ({"ignore_labels": "O"}, "ignore_labels must be a list"),
+        ({"batch_size": 0}, "batch_size must be"),
+        ({"truncation": "cut"}, "truncation must be one of"),
+    ],
+)
+def test_bad_options_are_typed_errors(
+    options: dict[str, Any], message: str, bundles: dict[str, Path]
+) -> None:
+    tagger = _tagger(bundles["bert"])
+    with pytest.raises(InvalidArgumentError, match=message):
+        tagger.classify("some text", **options)
+    with pytest.raises(InvalidArgumentError, match=message):
+        tagger.classify(["some text"], **options)  # refused before iterating
+
+
+def test_bad_inputs_are_typed_errors(bundles: dict[str, Path]) -> None:
+    tagger = _tagger(bundles["roberta"])
+    with pytest.raises(InvalidArgumentError, match="input 1 must be a string"):
+        list(tagger.classify(["fine", 3]))  # type: ignore[list-item]
+    with pytest.raises(InvalidArgumentError, match="input 0 must be a string"):
+        list(tagger.classify([("a", "pair")]))  # type: ignore[list-item]
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        tagger.classify("bad \ud800")
+
+
+# --------------------------------------------------------------------------- CLI
+def _lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_cli_ner_texts_and_files(
+    bundles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = str(bundles["roberta"])
+    tagger = _tagger(bundles["roberta"])
+    assert main(["ner", bundle, TEXTS[0], TEXTS[2], "--aggregation", "first"]) == 0
+    lines = _lines(capsys.readouterr().out)
+    expected = [r.to_dict() for r in tagger.classify(TEXTS[:3:2], aggregation="first")]
+    assert [line["text"] for line in lines] == [TEXTS[0], TEXTS[2]]
+    assert [{k: v for k, v in line.items() if k != "text"} for line in lines] == expected
+
+    source = tmp_path / "in.jsonl"
+    rows = [{"id": i, "text": text} for i, text in enumerate(TEXTS)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    argv = ["ner", bundle, "--input", str(source), "--output", str(out), "--ignore-label", "O"]
+    assert main([*argv, "--ignore-label", "PER", "--batch-size", "2"]) == 0
+    lines = _lines(out.read_text(encoding="utf-8"))
+    assert [line["id"] for line in lines] == list(range(len(TEXTS)))
+    expected = [r.to_dict() for r in tagger.classify(TEXTS, ignore_labels=["O", "PER"])]
+    assert [{"entities": x["entities"], "truncated": x["truncated"]} for x in lines] == expected
+    assert all(e["entity_group"] not in ("O", "PER") for x in lines for e in x["entities"])
+    assert "7 texts" in capsys.readouterr().err
+
+    long_file = tmp_path / "long.txt"
+    long_file.write_text(LONG + "\n", encoding="utf-8")
+    assert main(["ner", bundle, "--input", str(long_file), "--stride", "16"]) == 0
+    (line,) = _lines(capsys.readouterr().out)
+    assert line["entities"] == [e.to_dict() for e in tagger.classify(LONG, stride=16).entities]
+    assert main(["ner", bundle, "--input", str(long_file)]) != 0  # too long, no stride
+    assert "stride" in capsys.readouterr().err
+
+
+def test_cli_ner_refuses_other_bundles(
+    bundles: dict[str, Path], encoder_bundles: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ner", str(encoder_bundles["clf"]), "text"]) != 0
+    assert "needs a token-classification one" in capsys.readouterr().err
+    assert main(["classify", str(bundles["bert"]), "text"]) != 0
+    assert "needs a text-classification one" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- server
+def test_server_classifications_serve_token_classifiers(
+    bundles: dict[str, Path], encoder_bundles: dict[str, Path]
+) -> None:
+    from edge_slm.server import RunningServer, ServerConfig
+
+    config = ServerConfig(port=0, quiet=True)
+    sources = [("ner", bundles["bert"]), ("clf", encoder_bundles["clf"])]
+    server = RunningServer(config, sources).start()
+    try:
+        assert server.wait_ready(60), server.registry.error
+        url = server.url + "/v1/classifications"
+        tagger = _tagger(bundles["bert"])
+        body = {"model": "ner", "input": TEXTS[:3], "aggregation": "first"}
+        answer = httpx.post(url, json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        data = answer.json()["data"]
+        assert [d["object"] for d in data] == ["token_classification"] * 3
+        assert [d["index"] for d in data] == [0, 1, 2]
+        expected = list(tagger.classify(TEXTS[:3], aggregation="first"))
+        for item, result in zip(data, expected, strict=True):
+            assert_same_entities([e.to_dict() for e in result.entities], item["entities"])
+        assert answer.json()["usage"]["prompt_tokens"] > 0
+        # the default aggregation is "simple"; ignore_labels as in the library
+        plain = httpx.post(url, json={"model": "ner", "input": TEXTS[0], "ignore_labels": []})
+        assert plain.status_code == 200, plain.text
+        assert plain.json()["data"][0]["entities"] == [
+            e.to_dict() for e in tagger.classify(TEXTS[0], ignore_labels=[]).entities
+        ]
+        # the text classifier still answers as before
+        text_answer = httpx.post(url, json={"model": "clf", "input": "great"}, timeout=60)
+        assert text_answer.status_code == 200 and "label" in text_answer.json()["data"][0]
+        refusals = [
+            ({"model": "ner", "input": "x", "aggregation": "longest"}, "aggregation"),
+            ({"model": "ner", "input": "x", "ignore_labels": "O"}, "ignore_labels"),
+            ({"model": "ner", "input": "x", "top_k": 2}, "top_k"),
+            ({"model": "clf", "input": "x", "aggregation": "first"}, "aggregation"),
+            ({"model": "ner", "input": LONG}, None),
+        ]
+        for payload, param in refusals:
+            refused = httpx.post(url, json=payload, timeout=60)
+            assert refused.status_code == 400, (payload, refused.text)
+            error = refused.json()["error"]
+            if param is None:
+                assert error["code"] == "context_length_exceeded"
+            else:
+                assert error["param"] == param, error
+    finally:
+        server.stop()
