@@ -131,7 +131,7 @@ def load(
     if overrides:
         settings = replace(settings, **overrides)  # type: ignore[arg-type]
     folder = Path(path)
-    manifest = read_bundle(folder, verify=settings.verify)
+    manifest = read_bundle(folder, verify=settings.verify, hashes=settings.bundle_hashes())
     if manifest.task == "text-generation":
         return TextGenerator(folder, manifest, settings)
     if manifest.task == "text-classification":

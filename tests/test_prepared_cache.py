@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import edge_slm
-from edge_slm.bundle import read_manifest
+from edge_slm.bundle import files as bundle_files_module
+from edge_slm.bundle import hash_record, read_manifest, sha256_file
 from edge_slm.engine import prepared_cache
 from edge_slm.engine.prepared_cache import (
     CACHE_DIR_ENV,
@@ -340,9 +341,7 @@ def test_a_tampered_or_planted_entry_is_refused_never_run(
         for name in (GRAPH_FILE, DATA_FILE):
             shutil.copyfile(donor / name, entry / name)
         record["files"] = {n: (entry / n).stat().st_size for n in (GRAPH_FILE, DATA_FILE)}
-        record["sha256"] = {
-            n: prepared_cache.sha256_file(entry / n) for n in (GRAPH_FILE, DATA_FILE)
-        }
+        record["sha256"] = {n: sha256_file(entry / n) for n in (GRAPH_FILE, DATA_FILE)}
         _resign(entry, record, None if attack == "planted-unsigned" else os.urandom(32))
     with pytest.warns(SessionCacheWarning, match="entry refused and rebuilt"):
         logits, source = _logits(fused, tmp_path)
@@ -408,3 +407,211 @@ def test_the_size_cap_evicts_least_recently_used_entries(
     open_session(copy / "model.onnx", cache=tmp_path / "c", model_sha256="3" * 64)
     (kept,) = _entries(tmp_path / "c")  # over the cap: only the entry just built stays
     assert json.loads((kept / ENTRY_FILE).read_text())["key"]["model_sha256"] == "3" * 64
+
+
+# ------------------------------------------- signed stat facts: a verified hit without hashing
+
+
+class _Hashed:
+    """Counts the files read in full (hash_record.hash_file, used by the bundle check and
+    the prepared-session cache alike, and sha256_file, used without a record)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.names: list[str] = []
+        real_hash, real_sha = hash_record.hash_file, bundle_files_module.sha256_file
+
+        def counted(path: Path) -> tuple[str, list[int] | None]:
+            self.names.append(Path(path).name)
+            return real_hash(path)
+
+        def counted_sha(path: Path) -> str:
+            self.names.append(Path(path).name)
+            return real_sha(path)
+
+        monkeypatch.setattr(hash_record, "hash_file", counted)
+        monkeypatch.setattr(bundle_files_module, "sha256_file", counted_sha)
+
+    def take(self) -> list[str]:
+        names, self.names = sorted(self.names), []
+        return names
+
+
+def _load(bundle: Path, cache: Path, **options: Any) -> tuple[np.ndarray, str]:
+    model = edge_slm.load(bundle, options=LoadOptions(prepared_cache=cache, **options))
+    assert isinstance(model, edge_slm.TextGenerator)
+    return model.decoder.all_logits(IDS), model.decoder.session_source
+
+
+def _same_size_edit_keeping_mtime(path: Path) -> None:
+    """Flip bytes without changing the size, then set the mtime back (os.utime)."""
+    before = path.stat()
+    _edit_same_size(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    assert after.st_ctime_ns != before.st_ctime_ns  # the one fact no process can set back
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Record files as soon as they are hashed (the 2 s racy-file margin would make every
+    test wait), on this test's filesystem whatever it is."""
+    monkeypatch.setattr(hash_record, "RACY_NS", 0)
+    if not hash_record.trusted_filesystem(tmp_path.stat().st_dev):
+        pytest.skip(f"{tmp_path} is not on a filesystem whose ctime the kernel keeps")
+
+
+@pytest.fixture
+def own_copy(fused: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "bundle"
+    shutil.copytree(fused, copy)
+    return copy
+
+
+def _bundle_files(bundle: Path) -> list[str]:
+    return sorted(read_manifest(bundle)[1])
+
+
+def test_a_hit_whose_stat_facts_match_reads_no_file_again(
+    own_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settled: None
+) -> None:
+    hashed = _Hashed(monkeypatch)
+    cache = tmp_path / "cache"
+    expected, source = _load(own_copy, cache)
+    assert source.startswith("prepared-session cache built")
+    assert hashed.take() == sorted([*_bundle_files(own_copy), DATA_FILE, GRAPH_FILE])
+    logits, source = _load(own_copy, cache)
+    assert source == "prepared-session cache hit"
+    assert hashed.take() == []  # every stat fact matched its signed record
+    assert np.array_equal(logits, expected)
+    _load(own_copy, cache, rehash=True)  # the option that hashes everything again
+    assert hashed.take() == sorted([*_bundle_files(own_copy), DATA_FILE, GRAPH_FILE])
+    monkeypatch.setenv(prepared_cache.REHASH_ENV, "1")
+    _load(own_copy, cache)
+    assert hashed.take() == sorted([*_bundle_files(own_copy), DATA_FILE, GRAPH_FILE])
+
+
+def test_a_same_size_edit_with_its_mtime_restored_is_caught_in_the_cache(
+    own_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settled: None
+) -> None:
+    cache = tmp_path / "cache"
+    expected, _ = _load(own_copy, cache)
+    (entry,) = _entries(cache)
+    assert json.loads((entry / ENTRY_FILE).read_text())["stat"][DATA_FILE] is not None
+    _same_size_edit_keeping_mtime(entry / DATA_FILE)
+    hashed = _Hashed(monkeypatch)
+    with pytest.warns(SessionCacheWarning, match=f"{DATA_FILE} has sha256"):
+        logits, source = _load(own_copy, cache)
+    assert source.startswith("prepared-session cache built")
+    assert DATA_FILE in hashed.take()
+    assert np.array_equal(logits, expected)
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json"])
+def test_a_same_size_edit_with_its_mtime_restored_is_caught_in_the_bundle(
+    own_copy: Path, tmp_path: Path, settled: None, name: str
+) -> None:
+    cache = tmp_path / "cache"
+    _load(own_copy, cache)
+    recorded = json.loads((cache / prepared_cache.BUNDLE_RECORD).read_text())["files"]
+    assert str((own_copy / name).resolve()) in recorded
+    _same_size_edit_keeping_mtime(own_copy / name)
+    with pytest.raises(edge_slm.ChecksumError, match=name):
+        edge_slm.load(own_copy, cache=cache)
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "other-secret"])
+def test_a_planted_bundle_record_is_ignored(
+    own_copy: Path, tmp_path: Path, settled: None, forgery: str
+) -> None:
+    """A record claiming the edited file's new stat facts carry the manifest's sha256."""
+    cache = tmp_path / "cache"
+    _load(own_copy, cache)
+    path = own_copy / "tokenizer.json"
+    _same_size_edit_keeping_mtime(path)
+    record_path = cache / prepared_cache.BUNDLE_RECORD
+    files = json.loads(record_path.read_text())["files"]
+    expected_sha = read_manifest(own_copy)[1]["tokenizer.json"]
+    files[str(path.resolve())] = [*hash_record.stat_facts(path.stat()), expected_sha]
+    body: dict[str, Any] = {"files": files}
+    if forgery == "other-secret":
+        body["mac"] = hash_record.sign(os.urandom(32), body)
+    record_path.write_text(json.dumps(body))
+    with pytest.raises(edge_slm.ChecksumError, match="tokenizer.json"):
+        edge_slm.load(own_copy, cache=cache)
+
+
+def test_a_moved_bundle_is_hashed_again(
+    own_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settled: None
+) -> None:
+    cache = tmp_path / "cache"
+    _load(own_copy, cache)
+    moved = tmp_path / "moved"
+    own_copy.rename(moved)  # the files keep their inodes and ctimes; their paths change
+    hashed = _Hashed(monkeypatch)
+    _, source = _load(moved, cache)
+    assert source == "prepared-session cache hit"
+    assert hashed.take() == _bundle_files(moved)  # the bundle re-verified, the entry not
+    _load(moved, cache)
+    assert hashed.take() == []
+
+
+def test_a_copied_entry_is_hashed_and_a_copied_foreign_one_refused(
+    own_copy: Path,
+    fused_bundles: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    settled: None,
+) -> None:
+    cache = tmp_path / "cache"
+    expected, _ = _load(own_copy, cache)
+    (entry,) = _entries(cache)
+    # The same bytes copied over with their times (cp -p): new inodes, so hashed again.
+    for name in (GRAPH_FILE, DATA_FILE):
+        shutil.copy2(entry / name, tmp_path / name)
+        os.replace(tmp_path / name, entry / name)
+    hashed = _Hashed(monkeypatch)
+    assert _load(own_copy, cache)[1] == "prepared-session cache hit"
+    assert hashed.take() == sorted([DATA_FILE, GRAPH_FILE])
+    assert _load(own_copy, cache)[1] == "prepared-session cache hit"
+    assert hashed.take() == []  # the record was refreshed after the full check
+    # A whole entry copied from another cache (its own signed record and stat facts).
+    other = tmp_path / "other"
+    _load(fused_bundles["qwen2"], other)
+    (donor,) = _entries(other)
+    shutil.rmtree(entry)
+    shutil.copytree(donor, entry)
+    logits, source = _load(own_copy, cache)
+    assert source.startswith("prepared-session cache built")
+    assert source.endswith("the old entry was unusable: key mismatch")
+    assert np.array_equal(logits, expected)
+
+
+def test_racy_and_untrusted_files_are_not_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 100)
+    digest, facts = hash_record.hash_file(path)
+    assert digest == sha256_file(path)
+    assert facts is None  # written just now: a write in the same tick would go unseen
+    monkeypatch.setattr(hash_record, "RACY_NS", 0)
+    if hash_record.trusted_filesystem(path.stat().st_dev):
+        _, facts = hash_record.hash_file(path)
+        assert facts == hash_record.stat_facts(path.stat())
+        assert hash_record.unchanged(path, facts)
+    monkeypatch.setattr(hash_record, "filesystem_type", lambda device: "vfat")
+    assert hash_record.hash_file(path)[1] is None  # FAT: any timestamp can be written
+    assert not hash_record.unchanged(path, hash_record.stat_facts(path.stat()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/mountinfo").exists(), reason="Linux only")
+def test_filesystem_type_reads_mountinfo(tmp_path: Path) -> None:
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    kinds = {line.split(" - ", 1)[1].split()[0] for line in lines}
+    assert hash_record.filesystem_type(tmp_path.stat().st_dev) in kinds
+    assert hash_record.filesystem_type(os.makedev(4095, 4095)) == ""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from edge_slm.bundle import limits
+from edge_slm.bundle.hash_record import FileHashes
 from edge_slm.bundle.manifest import MANIFEST_FILE, Manifest, check_file_name
 from edge_slm.errors import BundleError, ChecksumError
 
@@ -103,12 +104,16 @@ def _check_sizes(folder: Path, manifest: Manifest) -> None:
         )
 
 
-def verify_checksums(folder: Path, checksums: Any) -> None:
+def verify_checksums(folder: Path, checksums: Any, hashes: FileHashes | None = None) -> None:
     """Raise ChecksumError unless every listed file exists with its recorded sha256.
 
     Names are checked first (plain names inside the folder; a symlink leading out is
     refused). Files present in the folder but absent from the list are ignored with a
     :class:`BundleWarning` and never read: a bundle is what its manifest says.
+
+    ``hashes``: a signed record of files hashed before (:mod:`edge_slm.bundle.hash_record`);
+    a file whose size, mtime, ctime, inode and device all match its record is not read
+    again. None: every file is hashed.
     """
     checksums = check_checksums(checksums)
     for name in checksums:
@@ -116,7 +121,8 @@ def verify_checksums(folder: Path, checksums: Any) -> None:
         if not path.is_file():
             raise ChecksumError(f"bundle file {name!r} is missing")
     for name, expected in checksums.items():
-        actual = sha256_file(_inside(folder, name, "checksum entry"))
+        path = _inside(folder, name, "checksum entry")
+        actual = sha256_file(path) if hashes is None else hashes.sha256(path, expected)
         if actual != expected:
             raise ChecksumError(
                 f"bundle file {name!r} is corrupt or was modified: sha256 {actual} "
@@ -386,13 +392,16 @@ def check_external_data(folder: Path, manifest: Manifest, checksums: dict[str, s
         _inside(folder, name, "external data")
 
 
-def read_bundle(folder: str | Path, verify: bool = True) -> Manifest:
+def read_bundle(
+    folder: str | Path, verify: bool = True, hashes: FileHashes | None = None
+) -> Manifest:
     """Read and validate a bundle's manifest and, if ``verify``, every file's sha256.
 
     Whatever ``verify``: every file name stays inside the folder, the files of
     ``files`` and the graph's external data are listed in ``checksums``, sizes are
     within :mod:`edge_slm.bundle.limits`, and unlisted files are ignored with a
-    :class:`BundleWarning`.
+    :class:`BundleWarning`. ``hashes``: see :func:`verify_checksums`; what it hashed is
+    saved once every file matched.
     """
     folder = Path(folder)
     manifest, raw = read_manifest(folder)
@@ -405,6 +414,8 @@ def read_bundle(folder: str | Path, verify: bool = True) -> Manifest:
     _check_sizes(folder, manifest)
     warn_unlisted(folder, checksums)
     if verify:
-        verify_checksums(folder, checksums)
+        verify_checksums(folder, checksums, hashes)
+        if hashes is not None:
+            hashes.save()
     check_external_data(folder, manifest, checksums)
     return manifest

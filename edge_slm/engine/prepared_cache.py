@@ -36,14 +36,21 @@ not in the key.
 
 **Location.** ``cache_dir`` argument, else ``$EDGE_SLM_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/edge-slm``, else ``~/.cache/edge-slm``; one sub-folder per key.
-``EDGE_SLM_CACHE=0`` turns the cache off unless a caller asks for it explicitly.
+``EDGE_SLM_CACHE=0`` turns the cache off unless a caller asks for it explicitly. The
+folder also holds ``.bundle-files.json``, the signed stat facts and sha256 of the bundle
+files :func:`edge_slm.load` verified (:func:`bundle_hashes`), so a verified load of an
+unchanged bundle reads none of its files again either.
 
 **Safety.** An entry is built in a temporary folder beside its target, fsynced and
 renamed into place, so other processes see a complete entry or none; when two
 processes race, the first rename wins and the loser keeps its own session.
-``entry.json`` records the key, the size and the sha256 of every cached file, the bundle
-paths it served, and an HMAC of all that under the cache secret. An entry whose key,
-HMAC, sizes or sha256 do not match, or whose session creation raises, is refused with a
+``entry.json`` records the key, the size and the sha256 of every cached file with its
+stat facts when it was hashed (:mod:`edge_slm.bundle.hash_record`), the bundle paths it
+served, and an HMAC of all that under the cache secret. On a hit, a file whose size,
+mtime, ctime, inode and device match its signed facts is not read again (any write
+changes its ctime); any other file is hashed in full (and its facts are refreshed when
+it matches). An entry whose key, HMAC, sizes or sha256 do not match, or whose session
+creation raises, is refused with a
 :class:`SessionCacheWarning` (when it was tampered with or corrupt), deleted and rebuilt
 once from the bundle: what the cache serves is always what was built from the verified
 bundle. A graph whose saved data cannot be aligned is recorded as unusable (the entry
@@ -55,11 +62,12 @@ none of whose bundles exists any more, temporary folders left by killed processe
 then the least recently used entries while the cache holds more than
 ``EDGE_SLM_CACHE_MAX_BYTES`` (default 8 GiB; the entry just built is always kept).
 
-**Cost.** Every hit hashes the cached files (about 2.3x the model): on the demo
-SmolLM2-135M int4 bundle (see ``docs/reliability.md`` for the figures measured) this
-adds a fraction of the load; a hashed entry is still faster than optimizing and
-pre-packing again. Not protected: someone who can read the cache secret (the same
-account, which could as well edit the bundle or edge_slm itself).
+**Cost.** A hit whose stat facts all match reads no cached file; a fresh entry's
+files are hashed once more at the first hit (racy, see hash_record) and then recorded.
+``rehash=True`` (``LoadOptions``) or ``EDGE_SLM_REHASH=1`` hashes every file at every
+hit, which also catches silent corruption of the storage. Figures in
+``docs/reliability.md``. Not protected: someone who can read the cache secret (the same
+account, which could as well edit the bundle or edge_slm itself), and root.
 """
 
 from __future__ import annotations
@@ -67,7 +75,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import hmac
 import json
 import os
 import platform
@@ -83,7 +90,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edge_slm.bundle.files import sha256_file
+from edge_slm.bundle import hash_record
+from edge_slm.bundle.hash_record import FileHashes
 
 CACHE_ENV = "EDGE_SLM_CACHE"
 CACHE_DIR_ENV = "EDGE_SLM_CACHE_DIR"
@@ -96,6 +104,8 @@ _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600.0
 SECRET_FILE = ".secret"
 MAX_BYTES_ENV = "EDGE_SLM_CACHE_MAX_BYTES"
+REHASH_ENV = "EDGE_SLM_REHASH"
+BUNDLE_RECORD = ".bundle-files.json"
 DEFAULT_MAX_BYTES = 8 << 30
 
 CacheSetting = bool | str | Path | None
@@ -240,8 +250,7 @@ def cache_secret(root: Path, create: bool = True) -> bytes | None:
 
 
 def _mac(secret: bytes, data: Any) -> str:
-    text = json.dumps(data, sort_keys=True).encode()
-    return hmac.new(secret, text, hashlib.sha256).hexdigest()
+    return hash_record.sign(secret, data)
 
 
 def _digest(key: dict[str, Any], secret: bytes) -> str:
@@ -260,45 +269,56 @@ def _warn_refused(message: str) -> None:
     )
 
 
-def _read_entry(entry: Path, key: dict[str, Any], secret: bytes) -> tuple[str, dict[str, Any]]:
-    """("", record) if ``entry`` is complete, authentic and intact for ``key``, else
-    (why not, {}). Every cached file is hashed and compared with the recorded sha256."""
+def _read_entry(
+    entry: Path, key: dict[str, Any], secret: bytes, rehash: bool
+) -> tuple[str, dict[str, Any], bool]:
+    """("", record, refreshed) if ``entry`` is complete, authentic and intact for
+    ``key``, else (why not, {}, False). A cached file whose size, mtime, ctime, inode and device match the
+    facts recorded when it was hashed (:mod:`edge_slm.bundle.hash_record`) is not read
+    again unless ``rehash``; any other is hashed and compared with the recorded sha256.
+    The returned record's ``stat`` holds the facts of the files hashed now; ``refreshed``
+    says they differ from the stored ones (the caller saves them)."""
     try:
         record = json.loads((entry / ENTRY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        return f"unreadable {ENTRY_FILE} ({exc})", {}
+        return f"unreadable {ENTRY_FILE} ({exc})", {}, False
     if not isinstance(record, dict) or record.get("key") != key:
-        return "key mismatch", {}
-    body = {k: v for k, v in record.items() if k != "mac"}
-    mac = record.get("mac")
-    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(secret, body)):
-        return f"{ENTRY_FILE} is not signed by this cache's secret (planted or edited)", {}
+        return "key mismatch", {}, False
+    body = hash_record.signed_body(secret, record)
+    if body is None:
+        return f"{ENTRY_FILE} is not signed by this cache's secret (planted or edited)", {}, False
+    record = body
     if isinstance(record.get("unusable"), str):
-        return "", record
+        return "", record, False
     sizes, hashes = record.get("files"), record.get("sha256")
     if not isinstance(sizes, dict) or GRAPH_FILE not in sizes or not isinstance(hashes, dict):
-        return "no file list", {}
+        return "no file list", {}, False
+    recorded = record.get("stat")
+    facts = dict(recorded) if isinstance(recorded, dict) and not rehash else {}
     for name, size in sizes.items():
         path = entry / name
         try:
             actual = path.lstat()
         except OSError:
-            return f"{name} is missing", {}
+            return f"{name} is missing", {}, False
         if not os.path.isfile(path) or os.path.islink(path):
-            return f"{name} is not a regular file", {}
+            return f"{name} is not a regular file", {}, False
         if actual.st_size != size:
-            return f"{name} has {actual.st_size} bytes, {size} recorded", {}
+            return f"{name} has {actual.st_size} bytes, {size} recorded", {}, False
     present = sorted(p.name for p in entry.iterdir() if p.name != ENTRY_FILE)
     if present != sorted(sizes):
-        return f"unexpected files in the entry: {sorted(set(present) - set(sizes))}", {}
+        return f"unexpected files in the entry: {sorted(set(present) - set(sizes))}", {}, False
     for name in sizes:
+        if hash_record.unchanged(entry / name, facts.get(name)):
+            continue  # the stat facts recorded when it was hashed: the same file, unwritten
         try:
-            actual_sha = sha256_file(entry / name)
+            actual_sha, facts[name] = hash_record.hash_file(entry / name)
         except OSError as exc:
-            return f"{name} is unreadable ({exc})", {}
+            return f"{name} is unreadable ({exc})", {}, False
         if actual_sha != hashes.get(name):
-            return f"{name} has sha256 {actual_sha[:16]}..., not the one recorded", {}
-    return "", record
+            return f"{name} has sha256 {actual_sha[:16]}..., not the one recorded", {}, False
+    fresh = {name: facts.get(name) for name in sizes}
+    return "", {**record, "stat": fresh}, fresh != recorded
 
 
 def _remove(path: Path) -> None:
@@ -610,7 +630,9 @@ def _build(
         if "unusable" not in record and GRAPH_FILE not in sizes:
             raise OSError(f"onnxruntime wrote no {GRAPH_FILE}")
         record["files"] = sizes
-        record["sha256"] = {name: sha256_file(tmp / name) for name in sizes}
+        hashed = {name: hash_record.hash_file(tmp / name) for name in sizes}
+        record["sha256"] = {name: sha for name, (sha, _) in hashed.items()}
+        record["stat"] = {name: facts for name, (_, facts) in hashed.items()}
         record["build_s"] = round(time.perf_counter() - start, 3)
         _write_record(tmp, record, secret)
         for name in [*sizes, ENTRY_FILE]:
@@ -641,12 +663,15 @@ def _write_record(folder: Path, record: dict[str, Any], secret: bytes) -> None:
     os.replace(tmp, folder / ENTRY_FILE)
 
 
-def _note_path(entry: Path, record: dict[str, Any], model_path: Path, secret: bytes) -> None:
+def _note_path(
+    entry: Path, record: dict[str, Any], model_path: Path, secret: bytes, refreshed: bool
+) -> None:
     """Add this bundle's folder to the entry's record (entries whose bundles all
-    vanished are pruned) and mark the entry used; best effort (a read-only cache)."""
+    vanished are pruned), save refreshed stat facts, and mark the entry used; best
+    effort (a read-only cache)."""
     here = str(model_path.resolve().parent)
     paths = [p for p in record.get("bundle_paths") or [] if isinstance(p, str)]
-    if paths[:1] != [here]:
+    if paths[:1] != [here] or refreshed:
         kept = [here, *[p for p in paths if p != here and os.path.exists(p)][:7]]
         try:
             _write_record(entry, {**record, "bundle_paths": kept}, secret)
@@ -714,6 +739,7 @@ def open_cached(
     cache_dir: str | Path | None = None,
     *,
     verified: bool = False,
+    rehash: bool = False,
 ) -> CachedSession:
     """A session of ``model_path`` from the cache, building the entry on a miss.
 
@@ -727,6 +753,8 @@ def open_cached(
         cache_dir: the cache folder; None: :func:`default_cache_dir`.
         verified: ``model_sha256`` was checked against the files just now: the key is
             the content alone (see :func:`cache_key`).
+        rehash: hash every cached file on a hit, even those whose stat facts match
+            their signed record (also ``EDGE_SLM_REHASH=1``).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     level = options().graph_optimization_level
@@ -745,7 +773,7 @@ def open_cached(
     entry = root / _digest(key, secret)
     problem = "no entry"
     if entry.is_dir():
-        problem, record = _read_entry(entry, key, secret)
+        problem, record, refreshed = _read_entry(entry, key, secret, rehash or rehash_forced())
         if not problem and "unusable" in record:
             session = _plain(model_path, options)
             return CachedSession(
@@ -757,7 +785,7 @@ def open_cached(
             try:
                 session = ort.InferenceSession(str(entry / GRAPH_FILE), so, providers=[PROVIDER])
                 release_file_pages(entry / DATA_FILE)
-                _note_path(entry, record, model_path, secret)
+                _note_path(entry, record, model_path, secret, refreshed)
                 return CachedSession(session, "hit", "prepared-session cache hit")
             except Exception as exc:  # a corrupt entry: rebuild it from the bundle
                 problem = f"entry did not load ({str(exc).strip()[:120]})"
@@ -773,6 +801,26 @@ def open_cached(
         detail = f"{built.detail}; the old entry was unusable: {problem}"
         return CachedSession(built.session, built.status, detail)
     return built
+
+
+def rehash_forced() -> bool:
+    """True when ``EDGE_SLM_REHASH`` is ``1`` (or ``true``/``yes``/``on``): every load
+    hashes every file in full, the bundle's and the cache's (silent disk corruption)."""
+    return os.environ.get(REHASH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def bundle_hashes(setting: CacheSetting, rehash: bool = False) -> FileHashes | None:
+    """The signed record of bundle files hashed before (``.bundle-files.json`` in the
+    cache folder, signed with the cache secret) for :func:`edge_slm.bundle.read_bundle`;
+    None (hash every file) when the cache is off (``setting`` False, or None with
+    ``EDGE_SLM_CACHE=0``), has no usable secret, or ``rehash`` is asked."""
+    if setting is None:
+        setting = env_enabled()
+    if setting is False or rehash or rehash_forced():
+        return None
+    root = default_cache_dir() if setting is True else Path(setting)
+    secret = cache_secret(root) if not root.exists() or root.is_dir() else None
+    return FileHashes(root / BUNDLE_RECORD, secret) if secret is not None else None
 
 
 def _plain(model_path: Path, options: Callable[[], ort.SessionOptions]) -> ort.InferenceSession:

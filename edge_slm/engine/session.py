@@ -29,6 +29,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edge_slm.bundle import read_manifest
+from edge_slm.bundle.hash_record import FileHashes
 from edge_slm.engine import prepared_cache
 from edge_slm.engine.prepared_cache import CachedSession, CacheSetting
 from edge_slm.errors import BundleError, EdgeSlmError, InvalidArgumentError
@@ -156,13 +157,15 @@ def open_session(
     cache: CacheSetting = None,
     model_sha256: str | None = None,
     verified: bool = False,
+    rehash: bool = False,
 ) -> CachedSession:
     """:func:`create_session`, also saying whether the session came from the cache.
 
     ``verified``: the bundle's checksums were checked just before (``edge_slm.load``
     with ``verify=True``), so the cache key is the verified content alone and the same
-    bundle in another folder shares the entry. A graph onnxruntime cannot open (a
-    truncated or hostile file) raises :class:`~edge_slm.errors.BundleError`.
+    bundle in another folder shares the entry. ``rehash``: a cache hit hashes every
+    cached file, even those whose signed stat facts match. A graph onnxruntime cannot
+    open (a truncated or hostile file) raises :class:`~edge_slm.errors.BundleError`.
     """
     try:
         return _open_session(
@@ -172,6 +175,7 @@ def open_session(
             cache=cache,
             model_sha256=model_sha256,
             verified=verified,
+            rehash=rehash,
         )
     except (EdgeSlmError, KeyboardInterrupt, SystemExit, MemoryError):
         raise
@@ -190,6 +194,7 @@ def _open_session(
     cache: CacheSetting = None,
     model_sha256: str | None = None,
     verified: bool = False,
+    rehash: bool = False,
 ) -> CachedSession:
     if threads is not None and threads < 1:
         raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
@@ -208,7 +213,12 @@ def _open_session(
         return CachedSession(session, "off", f"prepared-session cache {why}")
     cache_dir = Path(cache) if isinstance(cache, (str, Path)) else None
     return prepared_cache.open_cached(
-        Path(model_path), sha, options, cache_dir, verified=verified and model_sha256 is None
+        Path(model_path),
+        sha,
+        options,
+        cache_dir,
+        verified=verified and model_sha256 is None,
+        rehash=rehash,
     )
 
 
@@ -254,7 +264,14 @@ class LoadOptions:
         spinning: let idle onnxruntime threads spin; None: onnxruntime's default unless
             the CPU is already fully loaded (see :func:`session_defaults`).
         verify: check every file's sha256 against the manifest before loading (the
-            prepared-session cache then keys its entry by that verified content).
+            prepared-session cache then keys its entry by that verified content). With
+            the prepared-session cache on, a file whose size, mtime, ctime, inode and
+            device match a signed record made when it was last hashed is not read again
+            (:mod:`edge_slm.bundle.hash_record`; any write changes its ctime).
+        rehash: hash every file in full at every load, the bundle's and the
+            prepared-session cache's, ignoring the signed stat records (also
+            ``EDGE_SLM_REHASH=1``): catches silent corruption of the storage medium,
+            which changes no stat fact.
         prepared_cache: the prepared-session cache (:mod:`edge_slm.engine.prepared_cache`):
             True: on, in the default folder; a path: on, in that folder; False: off;
             None: on unless ``EDGE_SLM_CACHE=0``.
@@ -277,6 +294,7 @@ class LoadOptions:
     threads: int | None = None
     spinning: bool | None = None
     verify: bool = True
+    rehash: bool = False
     prepared_cache: bool | str | Path | None = None
     max_sessions: int = 8
     max_kv_bytes: int | None = None
@@ -308,6 +326,8 @@ class LoadOptions:
             )
         if not isinstance(self.verify, bool):
             raise InvalidArgumentError(f"verify must be True or False, got {self.verify!r}")
+        if not isinstance(self.rehash, bool):
+            raise InvalidArgumentError(f"rehash must be True or False, got {self.rehash!r}")
         whole("max_sessions", self.max_sessions, 1, 4096)
         if self.max_kv_bytes is not None:
             whole("max_kv_bytes", self.max_kv_bytes, 1)
@@ -322,7 +342,16 @@ class LoadOptions:
             self.spinning,
             cache=self.cache_setting(),
             verified=self.verify,
+            rehash=self.rehash,
         )
+
+    def bundle_hashes(self) -> FileHashes | None:
+        """The signed record of bundle files hashed before, for
+        :func:`edge_slm.bundle.read_bundle`; None: hash every file (``verify`` off,
+        ``rehash``, or the prepared-session cache off)."""
+        if not self.verify:
+            return None
+        return prepared_cache.bundle_hashes(self.cache_setting(), self.rehash)
 
     def cache_setting(self) -> CacheSetting:
         """The prepared-cache setting with None resolved from ``EDGE_SLM_CACHE``."""
