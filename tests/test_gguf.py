@@ -276,3 +276,67 @@ def test_tied_embedding_is_stored_once_quantized(
         assert np.isfinite(logits).all()
     plain_size = read_bundle(plain).quantization.size_after_bytes or 0
     assert sizes["int4-rtn-shared"] < sizes["int4-rtn-emb8"] < plain_size
+
+
+@pytest.fixture(scope="module")
+def kquant_bundles(hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """(fp32 fused bundle, gguf bundle, gguf-small bundle) of a Q4_K_M-like tiny Llama."""
+    from tiny_gguf import KQUANT_EMBEDDING_TYPE, KQUANT_LAYER_TYPES, widen_llama, write_tiny_gguf
+
+    from edge_slm_export.cli import main
+
+    root = tmp_path_factory.mktemp("kquant")
+    wide = widen_llama(hf_models["llama"], root / "wide")
+    path = write_tiny_gguf(wide, root / "wide.gguf", KQUANT_LAYER_TYPES, KQUANT_EMBEDDING_TYPE)
+    out = root / "fp32"
+    args = [
+        str(path),
+        str(out),
+        "--graph",
+        "fused",
+        "--quantize",
+        "gguf",
+        "--quantize",
+        "gguf-small",
+    ]
+    assert main(args) == 0
+    return out, out.with_name("fp32-gguf"), out.with_name("fp32-gguf-small")
+
+
+def test_kquant_gguf_through_transformers_is_exact(kquant_bundles: Any, tmp_path: Path) -> None:
+    """Export (transformers de-quantizes the K-quants) and transcoding agree exactly: the
+    graph's fp32 weights are the carried blocks' values, greedy tokens are the fp32 graph's."""
+    from edge_slm_quantize.bundle import quantize_bundle
+
+    fp32, carried, small = kquant_bundles
+    details = read_bundle(carried).quantization.details
+    assert details["max_abs_weight_diff_vs_fp32_graph"] == 0.0
+    assert details["gguf_tensor_types"] == {
+        "Q2_K": 1,
+        "Q3_K": 1,
+        "Q4_K": 5,
+        "Q5_0": 1,
+        "Q5_1": 1,
+        "Q5_K": 2,
+        "Q6_K": 3,  # the tied embedding / lm_head is one of them
+        "Q8_0": 1,
+    }
+    assert details["gguf_split_projections"] == 1  # layer 0's qkv: Q4_K | Q4_K | Q6_K
+    assert "shared with the lm_head" in details["embedding"]  # Q6_K: 8-bit blocks of 16
+    exact = quantize_bundle(fp32, tmp_path / "exact", "gguf", accuracy_level=1)
+    manifest = read_bundle(fp32)
+    assert manifest.decoder is not None
+    reference = open_decoder(fp32 / "model.onnx", manifest.decoder)
+    ours = open_decoder(exact / "model.onnx", manifest.decoder)
+    ids = np.asarray([PROMPT], dtype=np.int64)
+    want, got = reference.all_logits(ids), ours.all_logits(ids)
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, float(np.abs(want).max()))
+    for _ in range(8):  # greedy continuation, token for token
+        nxt_want = int(np.argmax(reference.all_logits(ids)[0, -1]))
+        assert int(np.argmax(ours.all_logits(ids)[0, -1])) == nxt_want
+        ids = np.concatenate([ids, [[nxt_want]]], axis=1)
+    small_details = read_bundle(small).quantization.details
+    assert small_details["gguf_tensor_types"] == {"Q2_K": 1, "Q3_K": 1, "Q4_K": 5}
+    assert sum(small_details["gguf_requantized"].values()) == 8  # Q5_*, Q6_K, Q8_0
+    sizes = [read_bundle(b).quantization.size_after_bytes or 0 for b in (carried, small)]
+    assert 0 < sizes[1] < sizes[0]

@@ -20,19 +20,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from tiny_gguf import K_LAYOUTS, random_blocks
 
 from edge_slm_quantize.weight_only import WeightOnlySettings
 
 K = 256  # a multiple of the K-quants' super-block
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-# K-quant type -> (bytes per super-block, offsets of its fp16 fields)
-K_LAYOUTS = {
-    "Q2_K": (84, (80, 82)),
-    "Q3_K": (110, (108,)),
-    "Q4_K": (144, (0, 2)),
-    "Q5_K": (176, (0, 2)),
-    "Q6_K": (210, (208,)),
-}
 CARRIED = QUANTIZABLE + tuple(K_LAYOUTS)
 # fused-graph weight -> GGUF tensors (a non-permuting architecture)
 LAYOUT = {
@@ -56,14 +49,7 @@ def random_tensor(kind: str, rows: int, rng: np.random.Generator) -> np.ndarray:
         weights = rng.standard_normal((rows, K)).astype(np.float32)
         weights *= np.float32(10) ** rng.uniform(-3, 0, size=(rows, 1)).astype(np.float32)
         return np.asarray(gguf.quants.quantize(weights, gguf.GGMLQuantizationType[kind]))
-    size, halves = K_LAYOUTS[kind]
-    blocks = rng.integers(0, 256, size=(rows * K // 256, size), dtype=np.uint8)
-    for offset in halves:
-        magnitude = np.float32(10) ** rng.uniform(-4, 0, size=blocks.shape[0])
-        sign = rng.choice(np.asarray([-1, 1], np.float32), size=blocks.shape[0])
-        half = (magnitude * sign).astype(np.float16)
-        blocks[:, offset : offset + 2] = half[:, None].view(np.uint8)
-    return blocks.reshape(rows, -1)
+    return random_blocks(kind, rows, K, rng)
 
 
 def dequantized(kind: str, raw: np.ndarray) -> np.ndarray:
