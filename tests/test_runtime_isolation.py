@@ -1,5 +1,5 @@
-"""The runtime imports and generates with torch, transformers, optimum and the build stage
-made unimportable, in a fresh interpreter."""
+"""The runtime imports and generates with torch, transformers, optimum, the build stage and
+Ray made unimportable, in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ BLOCKED = (
     "edge_slm_export",
     "edge_slm_quantize",
     "jinja2",
+    # the ray extra (edge_slm/scale/ray_data.py): never imported by the runtime itself
+    "ray",
+    "pyarrow",
 )
 
 GENERATE = """
