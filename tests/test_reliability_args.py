@@ -7,11 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import edge_slm
 from edge_slm import InvalidArgumentError
 from edge_slm.engine.session import LoadOptions
+from edge_slm.generation import limits
+from edge_slm.generation.tools import parse_tools
 
 BAD_OPTIONS: list[tuple[str, Any]] = [
     ("max_new_tokens", 2.7),
@@ -144,3 +147,82 @@ def test_message_text_cannot_forge_special_tokens_unless_trusted(bundles: dict[s
     assert model.decode(safe, skip_special_tokens=False) == model.render_chat(messages)
     with pytest.raises(InvalidArgumentError, match="chat_special_tokens"):
         LoadOptions(chat_special_tokens="yes")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------- per-call list limits
+
+LIST_OPTIONS: list[tuple[str, Any, str]] = [
+    ("stop", lambda n: [f"<{i}>" for i in range(n)], "MAX_STOP_STRINGS"),
+    ("stop_token_ids", lambda n: list(range(1, n + 1)), "MAX_STOP_TOKEN_IDS"),
+    ("logit_bias", lambda n: {i: 0.5 for i in range(n)}, "MAX_LOGIT_BIAS"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "constant"), LIST_OPTIONS, ids=[o[0] for o in LIST_OPTIONS]
+)
+def test_option_lists_are_capped_naming_the_limit(
+    model: edge_slm.TextGenerator,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    make: Any,
+    constant: str,
+) -> None:
+    real = getattr(limits, constant)
+    with pytest.raises(InvalidArgumentError, match=rf"{name} holds {real + 1} items.*{constant}"):
+        model.generate("Hello", max_new_tokens=1, **{name: make(real + 1)})
+    monkeypatch.setattr(limits, constant, 3)  # the boundary, on a size the tiny vocab holds
+    model.generate("Hello", max_new_tokens=1, **{name: make(3)})
+    with pytest.raises(InvalidArgumentError, match=rf"more than the limit of 3 .*{constant}\)"):
+        model.generate("Hello", max_new_tokens=1, **{name: make(4)})
+
+
+def test_a_stop_string_longer_than_the_limit_is_refused(model: edge_slm.TextGenerator) -> None:
+    cap = limits.MAX_STOP_STRING_CHARS
+    model.generate("Hello", max_new_tokens=1, stop=["x" * cap])
+    with pytest.raises(InvalidArgumentError, match=rf"stop\[1\] has {cap + 1} characters"):
+        model.generate("Hello", max_new_tokens=1, stop=["y", "x" * (cap + 1)])
+    with pytest.raises(InvalidArgumentError, match="stop_token_ids must be a list"):
+        model.generate("Hello", max_new_tokens=1, stop_token_ids=(i for i in range(3)))
+
+
+def test_call_lists_are_capped_naming_the_limit(
+    model: edge_slm.TextGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "MAX_CHOICES", 2)
+    assert len(model.choose("Hello", [" a", " b"])) == 2
+    with pytest.raises(InvalidArgumentError, match=r"options holds 3 items.*MAX_CHOICES"):
+        model.choose("Hello", [" a", " b", " c"])
+    monkeypatch.setattr(limits, "MAX_BATCH_PROMPTS", 2)
+    assert len(model.generate_batch(["a", "b"], max_new_tokens=1)) == 2
+    with pytest.raises(InvalidArgumentError, match=r"prompts holds 3 items.*MAX_BATCH_PROMPTS"):
+        model.generate_batch(["a", "b", "c"], max_new_tokens=1)
+    monkeypatch.setattr(limits, "MAX_MESSAGES", 2)
+    two = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
+    model.render_chat(two)
+    with pytest.raises(InvalidArgumentError, match=r"messages holds 3 items.*MAX_MESSAGES"):
+        model.chat([*two, {"role": "user", "content": "and?"}], max_new_tokens=1)
+    monkeypatch.setattr(limits, "MAX_TOOLS", 1)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert len(parse_tools([tool])) == 1
+    with pytest.raises(InvalidArgumentError, match=r"tools holds 2 items.*MAX_TOOLS"):
+        parse_tools([tool, tool])
+
+
+def test_the_server_answers_400_naming_a_list_limit(model: edge_slm.TextGenerator) -> None:
+    from edge_slm.server import RunningServer, ServerConfig
+
+    server = RunningServer(ServerConfig(port=0, quiet=True), [("tiny", model)]).start()
+    try:
+        assert server.wait_ready(60), server.registry.error
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1,
+            "stop": ["x" * (limits.MAX_STOP_STRING_CHARS + 1)],
+        }
+        answer = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 400, answer.text
+        assert "MAX_STOP_STRING_CHARS" in answer.json()["error"]["message"]
+    finally:
+        server.stop()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge_slm.generation import limits
 from edge_slm.generation.backends import FusedBackend
 from edge_slm.generation.chunks import TextChunker
 from edge_slm.generation.kv_slots import KVState
@@ -55,6 +56,7 @@ def generate_batch(
     model: TextGenerator, prompts: Sequence[str], config: DecodeConfig
 ) -> list[GenerationResult]:
     """Generate for every prompt; see :meth:`TextGenerator.generate_batch`."""
+    limits.check_length("prompts", prompts, limits.MAX_BATCH_PROMPTS, "MAX_BATCH_PROMPTS")
     start = time.perf_counter()
     rows = [_Row(model, prompt, config) for prompt in prompts]
     backend = model.backend

@@ -15,6 +15,7 @@ from typing import Any
 
 from edge_slm.bundle import GenerationDefaults
 from edge_slm.errors import InvalidArgumentError
+from edge_slm.generation import limits
 from edge_slm.generation.constraints import CONSTRAINT_TYPES, CompiledConstraint, Constraint
 from edge_slm.generation.sampling import (
     LogitsProcessor,
@@ -156,6 +157,22 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     return value
 
 
+def _check_lists(opts: GenerationOptions) -> None:
+    """Every per-call list within :mod:`edge_slm.generation.limits`, before it is read."""
+    limits.check_length("stop", opts.stop, limits.MAX_STOP_STRINGS, "MAX_STOP_STRINGS")
+    for i, text in enumerate(opts.stop):
+        if isinstance(text, str) and len(text) > limits.MAX_STOP_STRING_CHARS:
+            raise InvalidArgumentError(
+                f"stop[{i}] has {len(text)} characters, more than the limit of "
+                f"{limits.MAX_STOP_STRING_CHARS} (edge_slm.generation.limits.MAX_STOP_STRING_CHARS)"
+            )
+    limits.check_length(
+        "stop_token_ids", opts.stop_token_ids, limits.MAX_STOP_TOKEN_IDS, "MAX_STOP_TOKEN_IDS"
+    )
+    if opts.logit_bias is not None:
+        limits.check_length("logit_bias", opts.logit_bias, limits.MAX_LOGIT_BIAS, "MAX_LOGIT_BIAS")
+
+
 def resolve_options(
     options: GenerationOptions,
     defaults: GenerationDefaults,
@@ -176,6 +193,7 @@ def resolve_options(
         _check_int("seed", opts.seed, 0)
     if isinstance(opts.stop, str):
         raise InvalidArgumentError(f"stop must be a list of strings, got the string {opts.stop!r}")
+    _check_lists(opts)
     if not isinstance(opts.truncate_prompt, bool):
         raise InvalidArgumentError(
             f"truncate_prompt must be True or False, got {opts.truncate_prompt!r}"

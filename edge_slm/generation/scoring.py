@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_slm.errors import ContextLengthError, DeadlineError, InvalidArgumentError
+from edge_slm.generation import limits
 from edge_slm.generation.kv_slots import KVState
 from edge_slm.text.stops import Deadline
 
@@ -35,8 +36,9 @@ def choose(
     a private KV state; each option then feeds that last token and its own tokens (but
     the last), whose logits predict it.
     """
-    if isinstance(options, str) or len(options) < 1:
+    if isinstance(options, str) or not isinstance(options, Sized) or len(options) < 1:
         raise InvalidArgumentError("options must be a non-empty list of strings")
+    limits.check_length("options", options, limits.MAX_CHOICES, "MAX_CHOICES")
     context = model.encode(prompt)
     if not context:
         raise InvalidArgumentError("the prompt is empty (it encodes to no tokens)")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edge_slm.errors import InvalidArgumentError
+from edge_slm.generation import limits
 from edge_slm.generation.constraints import Constraint, Grammar, JsonSchema
 from edge_slm.generation.options import GenerationOptions
 from edge_slm.text.chat_format import render_chat_with_tools, template_supports_tools
@@ -130,6 +131,7 @@ def parse_tools(tools: object) -> tuple[Tool, ...]:
     """
     if not isinstance(tools, (list, tuple)) or not tools:
         raise InvalidArgumentError("tools must be a non-empty list of function tools")
+    limits.check_length("tools", tools, limits.MAX_TOOLS, "MAX_TOOLS")
     out: list[Tool] = []
     for i, item in enumerate(tools):
         if isinstance(item, Tool):

@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from edge_slm.errors import BundleError, ChatTemplateError, InvalidArgumentError
+from edge_slm.generation import limits
 from edge_slm.text.inputs import check_text
 
 if TYPE_CHECKING:
@@ -208,6 +209,7 @@ def validate_messages(messages: object, allowed_roles: Sequence[str]) -> list[di
         )
     if not messages:
         raise InvalidArgumentError("messages must contain at least one message, got []")
+    limits.check_length("messages", messages, limits.MAX_MESSAGES, "MAX_MESSAGES")
     allowed = ", ".join(repr(r) for r in allowed_roles)
     checked = []
     for i, message in enumerate(messages):
