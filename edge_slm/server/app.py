@@ -636,9 +636,10 @@ class Handler(BaseHTTPRequestHandler):
         if request.chat:
             messages = request.jobs[0].messages
             assert messages is not None
-            ids = model.encode(
-                model.render_chat([dict(m) for m in messages]), add_special_tokens=False
-            )
+            # The ids the runtime feeds: with safe rendering, special-token text inside
+            # messages is encoded as plain text, so the rendered prompt encoded whole
+            # would count differently.
+            ids = model.chat_ids([dict(m) for m in messages])
             return len(ids)  # n choices share one prompt (OpenAI counts it once)
         seen: set[int] = set()
         for job in request.jobs:
