@@ -38,6 +38,10 @@ class Blocks:
             to ``outer[..., None] * inner`` in fp32, ``outer`` fp16 values and ``inner``
             int8 values (a K-quant's super-block ``d`` and sub-block ``sc``): the file
             stores 2 bytes per super-block and 1 per block instead of 4 per block.
+        min_factors: ``(shift [N, K/block], outer [N, G], inner [N, G, K/block/G])`` with
+            ``mins`` equal to ``shift * scales - outer[..., None] * inner`` in fp32 (a
+            K-quant's offset ``z d sc - dmin m``), ``outer`` fp16 and ``inner`` int8
+            values, ``shift`` small integers; used with ``scale_factors`` only.
     """
 
     bits: int
@@ -47,6 +51,7 @@ class Blocks:
     mins: np.ndarray | None
     types: tuple[str, ...]
     scale_factors: tuple[np.ndarray, np.ndarray] | None = None
+    min_factors: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def block_size(self) -> int:
@@ -71,7 +76,7 @@ class Blocks:
     def rows(self, index: np.ndarray) -> Blocks:
         """The blocks of rows ``index`` (a permutation of output rows moves whole blocks)."""
         mins = None if self.mins is None else self.mins[index]
-        factors = self.scale_factors
+        factors, offsets = self.scale_factors, self.min_factors
         return Blocks(
             self.bits,
             self.codes[index],
@@ -80,6 +85,7 @@ class Blocks:
             mins,
             self.types,
             None if factors is None else (factors[0][index], factors[1][index]),
+            None if offsets is None else tuple(f[index] for f in offsets),  # type: ignore[arg-type]
         )
 
 
@@ -92,13 +98,17 @@ def concat_rows(parts: list[Blocks]) -> Blocks:
         mins = np.concatenate(
             [p.mins if p.mins is not None else np.zeros_like(p.scales) for p in parts]
         )
-    factors = None
+    factors = offsets = None
     inner = {None if p.scale_factors is None else p.scale_factors[1].shape[2] for p in parts}
     if None not in inner and len(inner) == 1:  # the same factoring for every part
         factors = (
             np.concatenate([p.scale_factors[0] for p in parts if p.scale_factors]),
             np.concatenate([p.scale_factors[1] for p in parts if p.scale_factors]),
         )
+        if all(p.min_factors is not None for p in parts):
+            offsets = tuple(
+                np.concatenate([p.min_factors[i] for p in parts if p.min_factors]) for i in range(3)
+            )
     return Blocks(
         parts[0].bits,
         np.concatenate([p.codes for p in parts]),
@@ -107,6 +117,7 @@ def concat_rows(parts: list[Blocks]) -> Blocks:
         mins,
         tuple(t for p in parts for t in p.types),
         factors,
+        offsets,  # type: ignore[arg-type]
     )
 
 
@@ -205,9 +216,11 @@ class BlockWriter:
         self.block_sums[(x, block)] = f"{tag}/block_sums"
         return self.block_sums[(x, block)]
 
-    def _scales(self, name: str, blocks: Blocks, nodes: list[onnx.NodeProto]) -> None:
+    def _scales(self, name: str, blocks: Blocks, nodes: list[onnx.NodeProto]) -> str | None:
         """The fp32 ``[N * K/block]`` scales ``name``: fp16 + Cast when exact, else the
-        product of their fp16 and int8 factors when the blocks have them, else fp32."""
+        product of their fp16 and int8 factors when the blocks have them, else fp32.
+
+        Returns the name of the ``[N, G, K/block/G]`` product when the factors were used."""
         scales = np.ascontiguousarray(blocks.scales.reshape(-1), dtype=np.float32)
         factors = blocks.scale_factors
         if (
@@ -216,7 +229,7 @@ class BlockWriter:
             or np.array_equal(scales.astype(np.float16).astype(np.float32), scales)
         ):
             self._float(name, scales, nodes)
-            return
+            return None
         outer, inner = factors
         half, small = outer.astype(np.float16), inner.astype(np.int8)
         product = (half.astype(np.float32)[..., None] * small.astype(np.float32)).reshape(-1)
@@ -251,6 +264,76 @@ class BlockWriter:
                 helper.make_node("Reshape", [f"{name}_3d", shape], [name], name=f"{name}_flat"),
             ]
         )
+        return f"{name}_3d"
+
+    def _mins(
+        self, name: str, blocks: Blocks, scales_3d: str | None, nodes: list[onnx.NodeProto]
+    ) -> None:
+        """The fp32 ``[K/block, N]`` block offsets ``name``: computed from their factors
+        (``shift * scales - outer * inner``, the ops in the order :class:`Blocks` states)
+        when the blocks have them and the scales were factored, else stored."""
+        assert blocks.mins is not None
+        mins = blocks.mins
+        half_exact = np.array_equal(mins.astype(np.float16).astype(np.float32), mins)
+        if blocks.min_factors is None or scales_3d is None or half_exact:
+            self._float(name, mins.T, nodes)
+            return
+        shift, outer, inner = blocks.min_factors
+        n = outer.shape[0]
+        half, small = outer.astype(np.float16), inner.astype(np.int8)
+        minus = half.astype(np.float32)[..., None] * small.astype(np.float32)
+        shift3 = shift.astype(np.float32).reshape(minus.shape)
+        scales3 = blocks.scales.reshape(minus.shape)
+        assert np.array_equal((shift3 * scales3 - minus).reshape(mins.shape), mins), (
+            "offset factors do not give the offsets"
+        )
+        constant = bool(np.all(shift3 == shift3.flat[0]))
+        inits = [
+            numpy_helper.from_array(half[..., None], f"{name}_outer_fp16"),
+            numpy_helper.from_array(small, f"{name}_inner_int8"),
+            numpy_helper.from_array(np.asarray([n, -1], np.int64), f"{name}_shape"),
+        ]
+        if constant:  # one shift for every block (the usual case): a scalar
+            inits.append(numpy_helper.from_array(shift3.flat[0:1].copy(), f"{name}_shift"))
+        else:
+            inits.append(numpy_helper.from_array(shift3.astype(np.uint8), f"{name}_shift_u8"))
+        self.new_inits.extend(inits)
+        cast = onnx.TensorProto.FLOAT
+        nodes.extend(
+            [
+                helper.make_node(
+                    "Cast", [f"{name}_outer_fp16"], [f"{name}_outer"], name=f"{name}_oc", to=cast
+                ),
+                helper.make_node(
+                    "Cast", [f"{name}_inner_int8"], [f"{name}_inner"], name=f"{name}_ic", to=cast
+                ),
+                helper.make_node(
+                    "Mul", [f"{name}_outer", f"{name}_inner"], [f"{name}_minus"], name=f"{name}_m1"
+                ),
+            ]
+        )
+        if not constant:
+            nodes.append(
+                helper.make_node(
+                    "Cast", [f"{name}_shift_u8"], [f"{name}_shift"], name=f"{name}_sc", to=cast
+                )
+            )
+        nodes.extend(
+            [
+                helper.make_node(
+                    "Mul", [f"{name}_shift", scales_3d], [f"{name}_centre"], name=f"{name}_m2"
+                ),
+                helper.make_node(
+                    "Sub", [f"{name}_centre", f"{name}_minus"], [f"{name}_3d"], name=f"{name}_sub"
+                ),
+                helper.make_node(
+                    "Reshape", [f"{name}_3d", f"{name}_shape"], [f"{name}_nb"], name=f"{name}_r"
+                ),
+                helper.make_node(
+                    "Transpose", [f"{name}_nb"], [name], name=f"{name}_t", perm=[1, 0]
+                ),
+            ]
+        )
 
     def replace(self, node: onnx.NodeProto, weight: str, blocks: Blocks) -> list[onnx.NodeProto]:
         """The nodes that compute ``node``'s output from ``blocks``."""
@@ -260,7 +343,7 @@ class BlockWriter:
         b_name, s_name, z_name = f"{base}_Q{blocks.bits}", f"{base}_scales", f"{base}_zp"
         self.new_inits.append(numpy_helper.from_array(pack_codes(blocks), b_name))
         nodes: list[onnx.NodeProto] = []
-        self._scales(s_name, blocks, nodes)
+        scales_3d = self._scales(s_name, blocks, nodes)
         inputs = [x, b_name, s_name]
         default_zp = 8 if blocks.bits == 4 else 128
         if np.any(blocks.zero_points != default_zp):
@@ -288,7 +371,7 @@ class BlockWriter:
         if blocks.mins is not None:
             sums = self._sums(x, k, blocks.block_size, nodes)
             m_name = f"{base}_block_mins"
-            self._float(m_name, blocks.mins.T, nodes)  # [K/block, N]
+            self._mins(m_name, blocks, scales_3d, nodes)  # [K/block, N]
             nodes.append(
                 helper.make_node(
                     "MatMul", [sums, m_name], [f"{y}/mins"], name=f"{node.name}{MIN_TERM_SUFFIX}"

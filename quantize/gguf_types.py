@@ -81,13 +81,16 @@ def with_offsets(
     low: int,
     types: tuple[str, ...],
     scale_factors: tuple[np.ndarray, np.ndarray] | None = None,
+    minus_factors: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Blocks:
     """Blocks for GGUF values ``fl(fl(scale * q) - minus)`` with ``q = code - low``.
 
     Each block gets the container's middle code as zero point and the offset
     ``M = fl(mid_q * scale - minus)`` when the kernel's ``fl(fl((code - mid) * scale) + M)``
     then equals the GGUF value for every weight of the block, else zero point ``low``
-    and ``M = -minus`` (exact by construction).
+    and ``M = -minus`` (exact by construction). With the factors of ``scales`` and
+    ``minus`` (K-quants), the offsets are stored as those factors and the per-block
+    shift (:attr:`Blocks.min_factors`), computed ``shift * scale - minus`` as here.
     """
     mid = 1 << (bits - 1)
     q = codes.astype(np.float32) - np.float32(low)
@@ -97,8 +100,10 @@ def with_offsets(
     kernel = (codes.astype(np.float32) - np.float32(mid)) * s + centred[..., None]
     ok = np.all(kernel == reference, axis=-1)
     zero = np.where(ok, mid, low).astype(np.uint8)
-    offsets = np.where(ok, centred, -minus).astype(np.float32)
-    return Blocks(bits, codes, scales, zero, offsets, types, scale_factors)
+    shift = np.where(ok, np.float32(mid - low), np.float32(0))
+    offsets = shift * scales - minus  # = centred where ok, -minus elsewhere
+    factors = None if minus_factors is None else (shift, *minus_factors)
+    return Blocks(bits, codes, scales, zero, offsets, types, scale_factors, factors)
 
 
 def _q4_0(b: np.ndarray) -> Blocks:
@@ -163,8 +168,8 @@ def _q2_k(data: np.ndarray) -> Blocks:
     codes = (qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
     codes = codes.reshape(rows, -1, 16)
     scales, factors = _factored(d, sc & 0x0F, rows)
-    minus = (dmin[:, None] * (sc >> 4).astype(np.float32)).reshape(rows, -1)
-    return with_offsets(4, codes, scales, minus, 0, ("Q2_K",), factors)
+    minus, minus_factors = _factored(dmin, sc >> 4, rows)
+    return with_offsets(4, codes, scales, minus, 0, ("Q2_K",), factors, minus_factors)
 
 
 def _q3_k(data: np.ndarray) -> Blocks:
@@ -184,32 +189,37 @@ def _q3_k(data: np.ndarray) -> Blocks:
     return Blocks(4, codes.astype(np.uint8), scales, zero, None, ("Q3_K",), factors)
 
 
-def _k_scales(b: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray, tuple[Any, Any]]:
-    """Q4_K / Q5_K: sub-block scales, ``dmin * m`` and the scale factors."""
+def _k_scales(b: np.ndarray, rows: int) -> dict[str, Any]:
+    """Q4_K / Q5_K: sub-block scales, ``dmin * m`` and their factors (``with_offsets``
+    keyword arguments)."""
     from gguf.quants import Q4_K
 
     d, dmin = _fp16(b[:, 0:2]), _fp16(b[:, 2:4])
     sc, m = Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))
     scales, factors = _factored(d, sc, rows)
-    minus = (dmin[:, None] * m.astype(np.float32)).reshape(rows, -1)
-    return scales, minus, factors
+    minus, minus_factors = _factored(dmin, m, rows)
+    return {
+        "scales": scales,
+        "minus": minus,
+        "scale_factors": factors,
+        "minus_factors": minus_factors,
+    }
 
 
 def _q4_k(data: np.ndarray) -> Blocks:
     rows, b = _super_blocks(data, 144)
-    scales, minus, factors = _k_scales(b, rows)
     qs = b[:, 16:144].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
     codes = (qs & 0x0F).reshape(rows, -1, 32)
-    return with_offsets(4, codes, scales, minus, 0, ("Q4_K",), factors)
+    return with_offsets(4, codes, low=0, types=("Q4_K",), **_k_scales(b, rows))
 
 
 def _q5_k(data: np.ndarray) -> Blocks:
     rows, b = _super_blocks(data, 176)
-    scales, minus, factors = _k_scales(b, rows)
     ql = (b[:, 48:176].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]) & 0x0F
     qh = (b[:, 16:48].reshape(-1, 1, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]) & 1
     codes = (ql.reshape(-1, 8, 32) | (qh.reshape(-1, 8, 32) << 4)) + np.uint8(112)
-    return with_offsets(8, codes.reshape(rows, -1, 32), scales, minus, 112, ("Q5_K",), factors)
+    codes = codes.reshape(rows, -1, 32)
+    return with_offsets(8, codes, low=112, types=("Q5_K",), **_k_scales(b, rows))
 
 
 def _q6_k(data: np.ndarray) -> Blocks:

@@ -171,13 +171,21 @@ def test_q4_k_m_mixture_in_fused_projections(tmp_path: Path) -> None:
         assert np.array_equal(got, want)
 
 
-def test_scales_are_stored_as_their_factors(tmp_path: Path) -> None:
-    """Q6_K scales ``d * sc`` round as fp16: the file holds d (fp16) and sc (int8)."""
-    model, _, _ = transcode(tmp_path, {"blk.0.attn_output.weight": "Q6_K"}, rows=64)
+@pytest.mark.parametrize("kind", ["Q6_K", "Q4_K", "Q2_K"])
+def test_scales_and_offsets_are_stored_as_their_factors(kind: str, tmp_path: Path) -> None:
+    """K-quant scales ``d * sc`` (and offsets ``z d sc - dmin m``) round as fp16: the file
+    holds d, dmin (fp16) and sc, m (int8), multiplied when the session loads them."""
+    rows = 64
+    model, weights, _ = transcode(tmp_path, {"blk.0.attn_output.weight": kind}, rows=rows)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     assert inits["layers.0.o_proj.weight_scales_inner_int8"].dtype == np.int8
     assert inits["layers.0.o_proj.weight_scales_outer_fp16"].dtype == np.float16
-    assert not any(v.dtype == np.float32 and v.size >= 64 * 16 for v in inits.values())
+    if kind != "Q6_K":
+        assert inits["layers.0.o_proj.weight_block_mins_inner_int8"].dtype == np.int8
+    # nothing per block is stored in 4 bytes
+    assert not any(v.dtype == np.float32 and v.size >= rows * K // 32 for v in inits.values())
+    (got,) = graph_weights(model, 1)
+    assert np.array_equal(got, weights["layers.0.o_proj.weight"])
 
 
 @pytest.mark.parametrize("kind", ["IQ4_NL", "TQ2_0"])
