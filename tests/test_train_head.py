@@ -175,6 +175,24 @@ def test_trained_bundle_equals_scikit_learn_on_the_embedders_vectors(
     )
 
 
+def test_int8_embedder_whose_vectors_depend_on_the_batch(
+    encoder_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """Dynamic int8 quantizes activations per batch: the written graph is still checked
+    against the head on the same batch, and classifies like the head on its vectors."""
+    from edge_slm_quantize.encoder import quantize_encoder_bundle
+
+    int8 = quantize_encoder_bundle(encoder_bundles["emb"], tmp_path / "emb-int8", "dynamic-int8")
+    result = train_classifier(int8, topic_examples(8), tmp_path / "clf", C=5.0)
+    assert result.max_abs_logit_diff < 1e-4
+    clf = edge_slm.load(result.path)
+    embedder = TextEmbedder(int8, read_bundle(int8))
+    text = "reset my password please"
+    np.testing.assert_allclose(
+        clf.logits([text])[0], result.head.logits(embedder.embed(text)[None, :])[0], atol=1e-4
+    )
+
+
 def test_training_needs_no_torch_scikit_learn_scipy_or_onnx(
     encoder_bundles: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -280,7 +280,7 @@ def train_classifier(
     )
     probe = (held or train)[:VALIDATION_TEXTS]
     texts = [checked[i][0] for i in probe]
-    diff = _write_bundle(embedder_path, manifest, head, training, out, texts, vectors[probe])
+    diff = _write_bundle(embedder_path, manifest, head, training, out, texts, embedder)
     return TrainedClassifier(out, training, head, diff)
 
 
@@ -291,12 +291,13 @@ def _write_bundle(
     training: Training,
     out: Path,
     texts: list[str],
-    vectors: npt.NDArray[np.float32],
+    embedder: TextEmbedder,
 ) -> float:
     """Write the bundle into a temporary folder beside ``out``, check it, move it in place.
 
     The check loads the new bundle like any classifier and compares its logits on
-    ``texts`` with the head applied to their ``vectors`` (the embedder's own output).
+    ``texts`` with the head applied to ``embedder``'s vectors of the same batch (an int8
+    embedder quantizes activations per batch, so only the same batch compares exactly).
     """
     assert manifest.encoder is not None
     _, checksums = read_manifest(source)
@@ -316,6 +317,7 @@ def _write_bundle(
         draft = _classifier_manifest(manifest, head, training, output, provenance, None)
         write_manifest(work, draft)
         logits = TextClassifier(work, read_bundle(work)).logits(texts, truncation="silent")
+        vectors = embedder.model.run(embedder.model.encode(texts, truncation="silent"))
         diff = float(np.max(np.abs(logits - head.logits(vectors))))
         if not diff <= VALIDATION_TOLERANCE:
             raise BundleError(
