@@ -1,4 +1,4 @@
-"""Quantize an fp32 encoder bundle (classification, embeddings) to int8, measuring the cost.
+"""Quantize an fp32 encoder bundle (classifier, tagger, embedder) to int8, measuring the cost.
 
 Two methods, both from ``onnxruntime.quantization``:
 
@@ -19,7 +19,8 @@ With an evaluation file (labelled JSONL/CSV, see :mod:`edge_slm.text.records`) t
 the fp32 and the quantized bundle are measured on it and recorded in the manifest's
 ``quantization`` section; with ``max_accuracy_drop_points`` the quantized bundle is
 refused (AccuracyDropError, nothing written) when it loses more than that many
-percentage points.
+percentage points. For a token classifier the evaluation file's texts give the share of
+tokens whose label is the fp32 bundle's (``details.token_label_agreement``).
 
     python -m edge_slm_quantize.encoder BUNDLE OUT --method static-int8 \\
         --calibration calib.txt --eval test.jsonl --max-accuracy-drop 0.5
@@ -44,6 +45,7 @@ from edge_slm.cli.progress import Reporter, silent_reporter, stderr_reporter, st
 from edge_slm.encoders.classify import TextClassifier
 from edge_slm.encoders.embed import TextEmbedder, normalize_rows
 from edge_slm.encoders.encoder import EncoderModel, TextInput
+from edge_slm.encoders.token_classify import TokenClassifier
 from edge_slm.errors import EdgeSlmError
 from edge_slm.text.records import Record, read_records
 from edge_slm_quantize.errors import AlreadyQuantizedError, QuantizationError, UnknownMethodError
@@ -119,6 +121,26 @@ def embedding_agreement(
     b = normalize_rows(after.embed_all(texts, truncation="silent"))
     cosine = (a * b).sum(axis=1)
     return {"mean_cosine_to_fp32": float(cosine.mean()), "min_cosine_to_fp32": float(cosine.min())}
+
+
+def token_agreement(
+    before: TokenClassifier, after: TokenClassifier, texts: Sequence[str]
+) -> dict[str, float]:
+    """Share of tokens labelled alike by the fp32 and the quantized tagger, and the mean
+    absolute difference of the best label's probability."""
+    options: dict[str, Any] = {"aggregation": "none", "ignore_labels": [], "truncation": "silent"}
+    same = total = 0
+    diffs = []
+    pairs = zip(before.classify(texts, **options), after.classify(texts, **options), strict=True)
+    for a, b in pairs:
+        same += sum(x.label == y.label for x, y in zip(a.entities, b.entities, strict=True))
+        total += len(a.entities)
+        diffs += [abs(x.score - y.score) for x, y in zip(a.entities, b.entities, strict=True)]
+    return {
+        "token_label_agreement": same / max(total, 1),
+        "mean_abs_score_diff": float(np.mean(diffs)) if diffs else 0.0,
+        "tokens": total,
+    }
 
 
 def calibration_texts(path: Path, limit: int = DEFAULT_CALIBRATION_EXAMPLES) -> list[TextInput]:
@@ -264,9 +286,11 @@ def _prepare(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _load(folder: Path, manifest: Manifest) -> TextClassifier | TextEmbedder:
+def _load(folder: Path, manifest: Manifest) -> TextClassifier | TokenClassifier | TextEmbedder:
     if manifest.task == "text-classification":
         return TextClassifier(folder, manifest)
+    if manifest.task == "token-classification":
+        return TokenClassifier(folder, manifest)
     return TextEmbedder(folder, manifest)
 
 
@@ -306,10 +330,11 @@ def quantize_encoder_bundle(
         raise UnknownMethodError(f"method {method!r} is not one of {list(ENCODER_METHODS)}")
     source, out_dir = Path(bundle), Path(out_dir)
     manifest = read_bundle(source)
-    if manifest.task not in ("text-classification", "feature-extraction"):
+    if manifest.task not in ("text-classification", "token-classification", "feature-extraction"):
         raise QuantizationError(
             f"{str(source)!r} is a {manifest.task} bundle; encoder methods need "
-            "text-classification or feature-extraction (use --method int8/int4-search for decoders)"
+            "text-classification, token-classification or feature-extraction (use --method "
+            "int8/int4-search for decoders)"
         )
     if manifest.quantization.method != "none":
         raise AlreadyQuantizedError(
@@ -387,6 +412,18 @@ def quantize_encoder_bundle(
                             f"({100 * before:.2f}% -> {100 * after:.2f}%), more than the "
                             f"allowed {max_accuracy_drop_points:g}; no bundle written"
                         )
+                elif isinstance(fp32, TokenClassifier):
+                    assert isinstance(quantized, TokenClassifier)
+                    texts = [str(r.text) for r in read_records(eval_path)]
+                    agreement = token_agreement(fp32, quantized, texts)
+                    quantization = replace(
+                        quantization,
+                        eval_examples=len(texts),
+                        details={**facts, **agreement},
+                    )
+                    report(
+                        f"  token labels as fp32: {100 * agreement['token_label_agreement']:.2f}%"
+                    )
                 else:
                     assert isinstance(fp32, TextEmbedder) and isinstance(quantized, TextEmbedder)
                     eval_texts = [r.text for r in read_records(eval_path)]

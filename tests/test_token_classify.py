@@ -198,6 +198,37 @@ def test_truncation_refuses_or_cuts_like_the_pipeline(
     assert_same_entities(expected, [e.to_dict() for e in cut.entities])
 
 
+@pytest.mark.parametrize("method", ["dynamic-int8", "static-int8"])
+def test_int8_quantization_keeps_the_token_labels(
+    method: str, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    from edge_slm_quantize.encoder import quantize_encoder_bundle
+
+    lines = [t.strip() for t in TEXTS if t.strip()]
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    calibration = texts if method == "static-int8" else None
+    out = quantize_encoder_bundle(
+        bundles["distilbert"], tmp_path / "q", method, calibration=calibration, eval_file=texts
+    )
+    manifest = read_bundle(out)
+    assert manifest.quantization.method == method
+    details = manifest.quantization.details
+    assert details["tokens"] > 50
+    # a tiny random model has near-ties between labels; most must survive int8
+    assert details["token_label_agreement"] >= 0.8, details
+    fp32, int8 = _tagger(bundles["distilbert"]), _tagger(out)
+    everything = {"aggregation": "none", "ignore_labels": []}
+    same = [
+        x.label == y.label
+        for a, b in zip(
+            fp32.classify(lines, **everything), int8.classify(lines, **everything), strict=True
+        )
+        for x, y in zip(a.entities, b.entities, strict=True)
+    ]
+    assert sum(same) / len(same) == details["token_label_agreement"]
+
+
 # --------------------------------------------------------------------------- API
 def test_batches_lazy_iteration_and_call_shapes(bundles: dict[str, Path]) -> None:
     tagger = _tagger(bundles["bert"])
