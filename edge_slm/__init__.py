@@ -38,7 +38,7 @@ from edge_slm.generation.conversation import Conversation
 from edge_slm.generation.model import TextGenerator
 from edge_slm.generation.options import GenerationOptions
 from edge_slm.generation.results import Chunk, GenerationResult, Timings, TokenStep
-from edge_slm.generation.tools import Tool, ToolCall, ToolChatResult, chat_with_tools
+from edge_slm.generation.tools import Tool, ToolCall, ToolUse
 
 __version__ = "0.1.0"
 
@@ -77,9 +77,8 @@ __all__ = [
     "TokenStep",
     "Tool",
     "ToolCall",
-    "ToolChatResult",
+    "ToolUse",
     "TruncationWarning",
-    "chat_with_tools",
     "load",
 ]
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +44,15 @@ from edge_slm.generation.results import (
     TokenStep,
     assemble_result,
 )
+from edge_slm.generation.tools import Tool, ToolUse
 from edge_slm.text.inputs import check_token_ids
 
 if TYPE_CHECKING:
     from edge_slm.generation.model import TextGenerator
+
+ToolList = Sequence[Mapping[str, Any] | Tool]
+"""OpenAI's ``tools`` list (``{"type": "function", "function": {...}}`` dicts) or
+:class:`~edge_slm.generation.tools.Tool` objects."""
 
 
 class Conversation:
@@ -157,24 +163,72 @@ class Conversation:
 
     def stream_chat(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         options: GenerationOptions | None = None,
+        *,
+        tools: ToolList | None = None,
+        tool_choice: object = "auto",
+        parallel_tool_calls: bool = True,
+        tool_format: str = "auto",
         **overrides: Any,
     ) -> Iterator[Chunk]:
-        """Stream the answer to a conversation's messages."""
-        config = self.model.decode_config(GenerationOptions.build(options, overrides))
-        yield from self._chunks(self.model.chat_ids(messages), config, RunStats())
+        """Stream the answer to a conversation's messages.
+
+        With ``tools`` (see :meth:`chat`) the answer's text streams as usual (a call's
+        text too) and the last chunk carries the parsed ``tool_calls``.
+        """
+        use = self._tool_use(tools, tool_choice, parallel_tool_calls, tool_format)
+        config = self._chat_config(options, overrides, use)
+        yield from self._chunks(self._chat_ids(messages, use), config, RunStats(), use)
+
+    def _tool_use(
+        self, tools: ToolList | None, tool_choice: object, parallel: bool, tool_format: str
+    ) -> ToolUse | None:
+        if tools is None:
+            if tool_choice not in (None, "auto", "none"):
+                raise InvalidArgumentError(f"tool_choice={tool_choice!r} needs tools")
+            return None
+        return ToolUse.resolve(self.model, tools, tool_choice, parallel, tool_format)
+
+    def _chat_config(
+        self, options: GenerationOptions | None, overrides: Mapping[str, Any], use: ToolUse | None
+    ) -> DecodeConfig:
+        built = GenerationOptions.build(options, overrides)
+        if use is not None and use.constraint is not None:
+            if built.constraint is not None:
+                raise InvalidArgumentError(
+                    "a chat with tools sets the constraint itself; pass tool_choice='none' "
+                    "to constrain a text answer"
+                )
+            built = replace(built, constraint=use.constraint)
+        return self.model.decode_config(built)
+
+    def _chat_ids(self, messages: Sequence[Mapping[str, Any]], use: ToolUse | None) -> list[int]:
+        if use is None:
+            return self.model.chat_ids(messages)
+        return use.prompt_ids(self.model, messages)
 
     def _chunks(
-        self, prompt_ids: list[int], config: DecodeConfig, stats: RunStats
+        self,
+        prompt_ids: list[int],
+        config: DecodeConfig,
+        stats: RunStats,
+        tools: ToolUse | None = None,
     ) -> Iterator[Chunk]:
         text = TextChunker(self.model.tokenizer, config.stop_strings)
+        answer: list[str] = []  # with tools: the whole answer, parsed for calls at its end
         for step in self._tokens(prompt_ids, config, stats):
             chunk = text.push(step)
-            if chunk is not None:
-                yield chunk
+            if chunk is None:
+                continue
+            if tools is not None:
+                answer.append(chunk.text)
                 if chunk.finish_reason is not None:
-                    return
+                    calls = tools.calls("".join(answer), chunk.finish_reason)
+                    chunk = replace(chunk, tool_calls=calls)
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
 
     # ------------------------------------------------------------ layer 3: result
     def generate(
@@ -186,21 +240,40 @@ class Conversation:
 
     def chat(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         options: GenerationOptions | None = None,
+        *,
+        tools: ToolList | None = None,
+        tool_choice: object = "auto",
+        parallel_tool_calls: bool = True,
+        tool_format: str = "auto",
         **overrides: Any,
     ) -> GenerationResult:
         """Answer a conversation (``[{"role": ..., "content": ...}, ...]``).
 
         Pass the whole conversation each time: the earlier turns this conversation
         computed come from its KV cache, not recomputed.
-        """
-        config = self.model.decode_config(GenerationOptions.build(options, overrides))
-        return self._collect(self.model.chat_ids(messages), config)
 
-    def _collect(self, prompt_ids: list[int], config: DecodeConfig) -> GenerationResult:
+        With ``tools`` (OpenAI's function tools), the messages may also hold tool
+        results (``{"role": "tool", "tool_call_id": ..., "content": ...}``) and
+        assistant ``tool_calls``; the answer is constrained by ``tool_choice``
+        (``"auto"``, ``"required"``, ``{"type": "function", "function": {"name": ...}}``
+        or ``"none"``) and the result's ``tool_calls`` are the calls it makes, each valid
+        against its tool's parameters schema. ``parallel_tool_calls``: one or more calls
+        per answer, or exactly one; ``tool_format``: ``"auto"``, ``"template"`` or
+        ``"plain"`` (:meth:`edge_slm.generation.tools.ToolUse.resolve`,
+        docs/structured-output.md). The ``constraint`` option is then the tools' own
+        (allowed only with ``tool_choice="none"``).
+        """
+        use = self._tool_use(tools, tool_choice, parallel_tool_calls, tool_format)
+        config = self._chat_config(options, overrides, use)
+        return self._collect(self._chat_ids(messages, use), config, use)
+
+    def _collect(
+        self, prompt_ids: list[int], config: DecodeConfig, tools: ToolUse | None = None
+    ) -> GenerationResult:
         start = time.perf_counter()
         stats = RunStats()
-        chunks = list(self._chunks(prompt_ids, config, stats))
+        chunks = list(self._chunks(prompt_ids, config, stats, tools))
         end = time.perf_counter()
         return assemble_result(chunks, stats, self.model.load_s, start, end, config.logprobs > 0)

@@ -27,7 +27,7 @@ from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation.backends import Backend, Capacity, make_backend
 from edge_slm.generation.batch import generate_batch
 from edge_slm.generation.constraints import compile_constraint
-from edge_slm.generation.conversation import Conversation
+from edge_slm.generation.conversation import Conversation, ToolList
 from edge_slm.generation.decoders import Decoder, open_decoder
 from edge_slm.generation.kv_slots import KVState
 from edge_slm.generation.options import DecodeConfig, GenerationOptions, resolve_options
@@ -170,13 +170,27 @@ class TextGenerator:
 
     def stream_chat(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         options: GenerationOptions | None = None,
+        *,
+        tools: ToolList | None = None,
+        tool_choice: object = "auto",
+        parallel_tool_calls: bool = True,
+        tool_format: str = "auto",
         **overrides: Any,
     ) -> Iterator[Chunk]:
-        """Stream the answer to a conversation's messages."""
+        """Stream the answer to a conversation's messages (with ``tools``, the last
+        chunk carries the parsed ``tool_calls``; see :meth:`chat`)."""
         with self.conversation() as conversation:
-            yield from conversation.stream_chat(messages, options, **overrides)
+            yield from conversation.stream_chat(
+                messages,
+                options,
+                tools=tools,
+                tool_choice=tool_choice,
+                parallel_tool_calls=parallel_tool_calls,
+                tool_format=tool_format,
+                **overrides,
+            )
 
     def generate(
         self, prompt: str, options: GenerationOptions | None = None, **overrides: Any
@@ -187,17 +201,33 @@ class TextGenerator:
 
     def chat(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         options: GenerationOptions | None = None,
+        *,
+        tools: ToolList | None = None,
+        tool_choice: object = "auto",
+        parallel_tool_calls: bool = True,
+        tool_format: str = "auto",
         **overrides: Any,
     ) -> GenerationResult:
         """Answer a conversation (``[{"role": ..., "content": ...}, ...]``).
 
         Each call computes the whole prompt (or reuses a loaded prefix cache); to reuse
-        earlier turns, keep a :meth:`conversation` and call its ``chat``.
+        earlier turns, keep a :meth:`conversation` and call its ``chat``. With ``tools``
+        the result's ``tool_calls`` are the calls the answer makes
+        (:meth:`Conversation.chat <edge_slm.generation.conversation.Conversation.chat>`,
+        docs/structured-output.md).
         """
         with self.conversation() as conversation:
-            return conversation.chat(messages, options, **overrides)
+            return conversation.chat(
+                messages,
+                options,
+                tools=tools,
+                tool_choice=tool_choice,
+                parallel_tool_calls=parallel_tool_calls,
+                tool_format=tool_format,
+                **overrides,
+            )
 
     def generate_batch(
         self, prompts: Sequence[str], options: GenerationOptions | None = None, **overrides: Any

@@ -4,11 +4,18 @@
 2. :class:`Chunk`: a piece of streamed text and the tokens behind it;
 3. :class:`GenerationResult`: the whole text, token ids, finish reason and
    :class:`Timings`.
+
+A chat with ``tools`` also gives back :class:`ToolCall` objects, parsed from the answer
+(edge_slm/generation/tools.py), on the last chunk and on the result.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from edge_slm.generation.sampling import TokenLogprob
 from edge_slm.text.stops import FinishReason
@@ -63,13 +70,33 @@ class TokenStep:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A parsed tool call: the tool's name, its arguments (valid against the tool's
+    parameters schema) and an id unique to this call."""
+
+    name: str
+    arguments: Mapping[str, Any] = field(hash=False)
+    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+
+    def to_openai(self) -> dict[str, Any]:
+        """OpenAI's ``tool_calls`` item (``arguments`` as a JSON string)."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": json.dumps(self.arguments)},
+        }
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """A piece of streamed text (layer 2); the last chunk carries the finish reason."""
+    """A piece of streamed text (layer 2); the last chunk carries the finish reason and,
+    in a chat with tools, the calls the whole answer makes (``tool_calls``)."""
 
     text: str
     steps: tuple[TokenStep, ...]
     finish_reason: FinishReason | None = None
     stop: str | int | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def token_ids(self) -> tuple[int, ...]:
@@ -79,7 +106,11 @@ class Chunk:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """A finished generation (layer 3)."""
+    """A finished generation (layer 3).
+
+    ``tool_calls``: in a chat with ``tools``, the calls the answer makes (empty for a
+    text answer, or an answer cut short by ``length``/``deadline``, which stays text).
+    """
 
     text: str
     token_ids: list[int]
@@ -88,6 +119,7 @@ class GenerationResult:
     stop: str | int | None
     timings: Timings
     logprobs: list[TokenStep] = field(default_factory=list)
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 def assemble_result(
@@ -119,4 +151,5 @@ def assemble_result(
         stop=last.stop,
         timings=timings,
         logprobs=steps if keep_logprobs else [],
+        tool_calls=last.tool_calls,
     )

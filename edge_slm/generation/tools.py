@@ -1,27 +1,36 @@
-"""Tool calls: the model picks one of several tools (OpenAI's function schema) and its
-arguments, constrained so that the call always parses and validates.
+"""Tool calls: the model answers with calls to tools (OpenAI's function schema) and
+their arguments, constrained so that every call parses and validates.
+
+A chat call takes ``tools=`` (``model.chat``, ``model.stream_chat`` and the same on a
+:class:`~edge_slm.generation.conversation.Conversation`); :meth:`ToolUse.resolve` turns
+the tools, ``tool_choice``, ``parallel_tool_calls`` and ``tool_format`` into the prompt's
+token ids, the constraint on the answer and the parser of its calls.
 
 When the bundle's raw chat template supports tools in the ``<tool_call>`` format
 (Qwen2.5's, Hermes'; :func:`~edge_slm.text.chat_format.template_supports_tools`), the
 chat is rendered by that template with its ``tools`` variable (as transformers'
 ``apply_chat_template(messages, tools=tools)`` renders it; needs jinja2), and a call is
 ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``, the syntax the model
-was trained on. Otherwise (SmolLM2's template, or ``tool_format="plain"``) the plain
-format is used, the same for every bundle (docs/structured-output.md, "Tool calls"):
+was trained on; parallel calls are such blocks joined by ``\n``, as the template writes
+several calls of one turn. Otherwise (SmolLM2's template, or ``tool_format="plain"``)
+the plain format is used, the same for every bundle (docs/structured-output.md, "Tool
+calls"):
 
 * the tools are described in the system message (:func:`tool_prompt`): one JSON line
   per tool, and how to call one;
-* a call is the whole answer, one JSON object
-  ``{"name": <tool name>, "arguments": {...}}`` (one call per answer);
+* a call is one JSON object ``{"name": <tool name>, "arguments": {...}}`` on one line,
+  and an answer that calls is only calls, one per line;
 * earlier calls in the history (assistant messages with ``tool_calls``) are rendered as
-  that JSON, and tool results (``role: "tool"``) as user messages
+  those lines, and tool results (``role: "tool"``) as user messages
   ``Tool result (<name>): <content>``.
 
-``tool_choice`` decides the constraint (:func:`tool_constraint`): ``"required"`` or a
-named function constrain the answer to a call (a JSON schema, ``anyOf`` over the
-allowed tools, each ``{"name": {"const": ...}, "arguments": <its parameters>}``);
-``"auto"`` is a Lark grammar allowing either such a call or plain text that does not
-start with ``{``; ``"none"`` adds no constraint (the tools are still described).
+``tool_choice`` decides the constraint (:func:`tool_constraint`, a Lark grammar whose
+calls embed a JSON schema, ``anyOf`` over the allowed tools, each
+``{"name": {"const": ...}, "arguments": <its parameters>}``): ``"required"`` or a named
+function constrain the answer to calls; ``"auto"`` allows calls or plain text that does
+not start as a call does (``{``, or ``<`` in the template format); ``"none"`` adds no
+constraint (the tools are still described). ``parallel_tool_calls`` (default True, as
+OpenAI's) allows one or more calls per answer; False allows exactly one.
 
 Nothing here imports llguidance: the constraint objects are compiled by the generation
 call, like any other constraint.
@@ -31,15 +40,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation import limits
-from edge_slm.generation.constraints import Constraint, Grammar, JsonSchema
-from edge_slm.generation.options import GenerationOptions
+from edge_slm.generation.constraints import Constraint, Grammar
+from edge_slm.generation.results import ToolCall
 from edge_slm.text.chat_format import render_chat_with_tools, template_supports_tools
 from edge_slm.text.inputs import check_text
 from edge_slm.text.safe_chat import special_token_strings
@@ -47,26 +55,30 @@ from edge_slm.text.stops import FinishReason
 
 if TYPE_CHECKING:
     from edge_slm.generation.model import TextGenerator
-    from edge_slm.generation.results import GenerationResult
 
 __all__ = [
     "Tool",
     "ToolCall",
-    "ToolChatResult",
-    "chat_with_tools",
-    "parse_tool_call",
+    "ToolUse",
+    "parse_tool_calls",
     "parse_tools",
     "template_messages",
     "template_tools",
     "tool_constraint",
     "tool_messages",
+    "tool_prompt",
 ]
 
 TOOL_CHOICES = ("none", "auto", "required")
 TOOL_FORMATS = ("auto", "template", "plain")
 CALL_OPEN, CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
 """The template format's call markers (Qwen2.5's template, Hermes' format)."""
+CALL_SEPARATOR = "\n"
+"""Between two calls of one answer, in both formats (a call's JSON holds no newline)."""
 COMPLETE = (FinishReason.CONSTRAINT, FinishReason.STOP_TOKEN)
+MAX_TOOL_CALLS = 8
+"""Calls one answer may make with ``parallel_tool_calls``: a small model that keeps
+repeating calls ends with eight valid ones instead of a call cut by the token limit."""
 CALL_JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": "[ ]?"}
 """A call's JSON allows at most one space between two JSON tokens (``{"name": "f"}``,
 as the prompt shows it, or ``{"name":"f"}``): a small model cannot spend its token
@@ -89,37 +101,6 @@ class Tool:
     parameters: Mapping[str, Any] = field(
         default_factory=lambda: {"type": "object", "properties": {}}, hash=False
     )
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A parsed call: the tool's name, its arguments (valid against its schema), an id."""
-
-    name: str
-    arguments: Mapping[str, Any] = field(hash=False)
-    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
-
-    def to_openai(self) -> dict[str, Any]:
-        """OpenAI's ``tool_calls`` item (``arguments`` as a JSON string)."""
-        return {
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": json.dumps(self.arguments)},
-        }
-
-
-@dataclass(frozen=True)
-class ToolChatResult:
-    """A chat answer with tools: the text, the parsed calls and the whole result."""
-
-    text: str
-    tool_calls: tuple[ToolCall, ...]
-    result: GenerationResult
-
-    @property
-    def finish_reason(self) -> str:
-        """``"tool_calls"`` when the answer is a call, else the generation's reason."""
-        return "tool_calls" if self.tool_calls else str(self.result.finish_reason)
 
 
 def parse_tools(tools: object) -> tuple[Tool, ...]:
@@ -206,40 +187,46 @@ def _call_schema(
 
 
 def tool_constraint(
-    tools: Sequence[Tool], tool_choice: object = "auto", tagged: bool = False
+    tools: Sequence[Tool],
+    tool_choice: object = "auto",
+    tagged: bool = False,
+    parallel: bool = True,
 ) -> Constraint | None:
-    """The constraint for ``tool_choice``: None for ``"none"``; a :class:`JsonSchema`
-    (a call to one of the allowed tools) for ``"required"`` or a named function; for
-    ``"auto"`` a Lark :class:`Grammar`: a call, or text whose first character is not
-    ``{``. With ``tagged`` (a template's own tool format), the call is wrapped as
-    ``<tool_call>\n<call JSON>\n</tool_call>`` (a Lark grammar), and ``"auto"``'s text
-    may not start with ``<``."""
+    """The constraint for ``tool_choice`` (None for ``"none"``): a Lark :class:`Grammar`.
+
+    ``"required"`` or a named function: the answer is calls to the allowed tools;
+    ``"auto"``: calls, or text whose first character is not the one a call starts with.
+    A call is the tool-call JSON (``%json``); with ``tagged`` (a template's own tool
+    format) it is wrapped as ``<tool_call>\n<call JSON>\n</tool_call>``. With
+    ``parallel`` an answer holds one or more calls joined by ``\n``, else exactly one.
+    """
     kind, allowed = _chosen(tools, tool_choice)
     if kind == "none":
         return None
-    schema = _call_schema(allowed, TEMPLATE_CALL_JSON_OPTIONS if tagged else CALL_JSON_OPTIONS)
-    embedded = json.dumps(schema)
-    if not tagged:
-        if kind == "required":
-            return JsonSchema(schema)
-        return Grammar(f"start: call | TEXT\ncall: %json {embedded}\nTEXT: /[^{{][\\s\\S]*/\n")
-    call = (
-        f"tagged: {json.dumps(CALL_OPEN)} call {json.dumps(CALL_CLOSE)}\ncall: %json {embedded}\n"
-    )
+    options = TEMPLATE_CALL_JSON_OPTIONS if tagged else CALL_JSON_OPTIONS
+    rules = [f"call: %json {json.dumps(_call_schema(allowed, options))}"]
+    one = "call"
+    if tagged:
+        rules.append(f"tagged: {json.dumps(CALL_OPEN)} call {json.dumps(CALL_CLOSE)}")
+        one = "tagged"
+    more = f" ({json.dumps(CALL_SEPARATOR)} {one}){{0,{MAX_TOOL_CALLS - 1}}}" if parallel else ""
+    rules.insert(0, f"calls: {one}{more}")
     if kind == "required":
-        return Grammar(f"start: tagged\n{call}")
-    return Grammar(f"start: tagged | TEXT\n{call}TEXT: /[^<][\\s\\S]*/\n")
+        return Grammar("\n".join(["start: calls", *rules]) + "\n")
+    first = "<" if tagged else "{"
+    text = f"TEXT: /[^{first}][\\s\\S]*/"
+    return Grammar("\n".join(["start: calls | TEXT", *rules, text]) + "\n")
 
 
-def tool_prompt(tools: Sequence[Tool], tool_choice: object = "auto") -> str:
-    """The system-message text that describes ``tools`` and how to call one."""
+def tool_prompt(tools: Sequence[Tool], tool_choice: object = "auto", parallel: bool = True) -> str:
+    """The system-message text of the plain format: ``tools`` and how to call them."""
     kind, allowed = _chosen(tools, tool_choice)
     lines = ["You can call these tools (one JSON line each):"]
     for t in tools:
         spec = {"name": t.name, "description": t.description, "parameters": dict(t.parameters)}
         lines.append(json.dumps(spec))
-    call = 'To call a tool, answer with only {"name": <tool name>, "arguments": {<arguments>}}.'
-    lines.append(call)
+    call = 'To call a tool, answer with only {"name": <tool name>, "arguments": {<arguments>}}'
+    lines.append(call + (", one line per call." if parallel else "."))
     if kind == "required" and len(allowed) == 1 and len(tools) > 1:
         lines.append(f"Call the tool {allowed[0].name}.")
     elif kind == "required":
@@ -267,6 +254,7 @@ def tool_messages(
     tools: Sequence[Tool] = (),
     tool_choice: object = "auto",
     system_role: bool = True,
+    parallel: bool = True,
 ) -> list[dict[str, str]]:
     """OpenAI-style messages (with ``role: "tool"`` results and assistant
     ``tool_calls``) as plain ``{"role", "content"}`` messages in this module's format,
@@ -301,12 +289,12 @@ def tool_messages(
                     )
                 names[str(call.get("id"))] = spec["name"]
                 texts.append(_call_text(spec["name"], spec.get("arguments") or {}))
-            out.append({"role": "assistant", "content": "\n".join(texts)})
+            out.append({"role": "assistant", "content": CALL_SEPARATOR.join(texts)})
             continue
         out.append({"role": str(role), "content": content})
     if not tools:
         return out
-    prompt = tool_prompt(tools, tool_choice)
+    prompt = tool_prompt(tools, tool_choice, parallel)
     if out and out[0]["role"] == "system":
         head = out[0]["content"]
         out[0] = {"role": "system", "content": f"{head}\n\n{prompt}" if head else prompt}
@@ -386,13 +374,13 @@ def _template_call(i: int, call: object) -> dict[str, Any]:
     return shaped
 
 
-def _uses_template(model: object, tool_format: object) -> str | None:
+def _template_for(model: TextGenerator, tool_format: object) -> str | None:
     """The raw chat template to render tools with, or None for the plain format."""
     if tool_format not in TOOL_FORMATS:
         raise InvalidArgumentError(
             f"tool_format must be one of {list(TOOL_FORMATS)}, got {tool_format!r}"
         )
-    template = getattr(getattr(model, "manifest", None), "chat_template", None)
+    template = model.manifest.chat_template
     supported = isinstance(template, str) and template_supports_tools(template)
     if tool_format == "plain":
         return None
@@ -408,107 +396,134 @@ def _uses_template(model: object, tool_format: object) -> str | None:
     return None
 
 
-def parse_tool_call(text: str, tools: Sequence[Tool], tagged: bool = False) -> ToolCall | None:
-    """The call ``text`` makes (a JSON object naming one of ``tools``; with ``tagged``,
-    inside ``<tool_call>`` ... ``</tool_call>``), else None."""
-    stripped = text.strip()
-    if tagged:
-        head, tail = CALL_OPEN.strip(), CALL_CLOSE.strip()
-        if not (stripped.startswith(head) and stripped.endswith(tail)):
-            return None
-        stripped = stripped[len(head) : -len(tail)].strip()
-    if not stripped.startswith("{"):
-        return None
+def _parse_call(text: str, names: set[str]) -> ToolCall | None:
     try:
-        data = json.loads(stripped)
+        data = json.loads(text)
     except json.JSONDecodeError:
         return None
     if not isinstance(data, dict) or set(data) != {"name", "arguments"}:
         return None
-    if data["name"] not in {t.name for t in tools} or not isinstance(data["arguments"], dict):
+    if data["name"] not in names or not isinstance(data["arguments"], dict):
         return None
     return ToolCall(data["name"], data["arguments"])
 
 
-def chat_with_tools(
-    model: TextGenerator,
-    messages: Sequence[Mapping[str, Any]],
-    tools: object,
-    tool_choice: object = "auto",
-    tool_format: str = "auto",
-    **options: Any,
-) -> ToolChatResult:
-    """Answer ``messages`` with ``tools`` available; the call, if any, is parsed.
+def parse_tool_calls(
+    text: str, tools: Sequence[Tool], tagged: bool = False
+) -> tuple[ToolCall, ...]:
+    """The calls ``text`` is made of (each a JSON object naming one of ``tools``; with
+    ``tagged``, each inside ``<tool_call>\\n`` ... ``\\n</tool_call>``; joined by
+    ``\\n``), or ``()`` when ``text`` is anything else (plain text, a cut call). Each
+    call gets its own id."""
+    body = text.strip()
+    if tagged:
+        if not (body.startswith(CALL_OPEN) and body.endswith(CALL_CLOSE)):
+            return ()
+        inner = body[len(CALL_OPEN) : -len(CALL_CLOSE)]
+        parts = inner.split(CALL_CLOSE + CALL_SEPARATOR + CALL_OPEN)
+    else:
+        parts = body.split(CALL_SEPARATOR)
+    names = {t.name for t in tools}
+    calls = [_parse_call(part, names) for part in parts]
+    return tuple(c for c in calls if c is not None) if all(calls) else ()
 
-    ``tool_choice``: ``"auto"`` (a call or plain text), ``"required"`` (a call to one
-    of the tools), ``{"type": "function", "function": {"name": ...}}`` (a call to that
-    one) or ``"none"`` (plain text, unconstrained). ``options`` are the usual generation
-    options (``temperature``, ``seed``, ``max_new_tokens``...); ``constraint`` is not
-    allowed, the tools set it. A call is reported only when the generation completed
-    (finish reason ``constraint`` or ``stop_token``): a call cut by ``max_new_tokens``
-    stays text with finish reason ``length``.
 
-    ``tool_format``: ``"auto"`` renders through the bundle's chat template when it
-    supports tools (``<tool_call>`` format, e.g. Qwen2.5) and jinja2 is installed, else
-    the plain format; ``"template"`` insists on the template (InvalidArgumentError if
-    it has no tool support); ``"plain"`` always uses the plain format.
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools offered to one chat call, resolved against a model: the format, the
+    constraint on the answer, the prompt's token ids and the parser of the answer's calls.
 
-    Raises:
-        InvalidArgumentError: malformed tools, tool_choice or messages.
-        ConstraintError: a tool's parameters schema cannot be compiled, or llguidance
-            is missing (``pip install 'edge-slm[structured]'``).
+    Made by :meth:`resolve`; the chat calls (``tools=``) make one per call, and the
+    server makes one to check a request and count its prompt before generating.
     """
-    if "constraint" in options:
-        raise InvalidArgumentError("chat_with_tools sets the constraint itself")
-    parsed = parse_tools(tools)
-    template = _uses_template(model, tool_format)
-    if template is not None:
-        return _chat_with_template(model, template, messages, tools, parsed, tool_choice, options)
-    constraint = tool_constraint(parsed, tool_choice)
-    chat_format = getattr(model, "chat_format", None)
-    system_role = chat_format is None or "system" in chat_format.roles
-    plain = tool_messages(messages, parsed, tool_choice, system_role)
-    if constraint is not None:
-        options["constraint"] = constraint
-    result = model.chat(plain, **options)
-    call = None
-    if constraint is not None and result.finish_reason in COMPLETE:
-        call = parse_tool_call(result.text, parsed)
-    return ToolChatResult(result.text, (call,) if call else (), result)
 
+    tools: tuple[Tool, ...]
+    """The tools, parsed."""
+    tool_dicts: tuple[Mapping[str, Any], ...]
+    """The tools as a chat template's ``tools`` variable receives them."""
+    tool_choice: object
+    parallel: bool
+    template: str | None
+    """The raw chat template rendering the tools (template format), or None (plain)."""
+    constraint: Constraint | None = field(hash=False)
+    """The answer's constraint (None for ``tool_choice="none"``)."""
 
-def _chat_with_template(
-    model: TextGenerator,
-    template: str,
-    messages: Sequence[Mapping[str, Any]],
-    tools: object,
-    parsed: Sequence[Tool],
-    tool_choice: object,
-    options: dict[str, Any],
-) -> ToolChatResult:
-    """:func:`chat_with_tools` through the bundle's own template and call syntax."""
-    constraint = tool_constraint(parsed, tool_choice, tagged=True)
-    shaped = template_messages(messages)
-    schemas = template_tools(tools, parsed)
-    tokens = model.manifest.special_tokens
-    strings = {"bos_token": tokens.bos_token or "", "eos_token": tokens.eos_token or ""}
-    text = render_chat_with_tools(shaped, template, schemas, True, strings)
-    if not getattr(model, "chat_special_tokens", False):
-        # Caller text must not forge special tokens (as TextGenerator.chat_ids ensures).
-        typed = json.dumps([shaped, schemas], ensure_ascii=False, default=str)
-        found = next((t for t in special_token_strings(model.tokenizer) if t and t in typed), None)
-        if found is not None:
+    @classmethod
+    def resolve(
+        cls,
+        model: TextGenerator,
+        tools: object,
+        tool_choice: object = "auto",
+        parallel_tool_calls: bool = True,
+        tool_format: str = "auto",
+    ) -> ToolUse:
+        """Check the arguments of a chat call with tools and pick the format.
+
+        ``tool_choice``: ``"auto"`` (calls or plain text), ``"required"`` (calls to the
+        tools), ``{"type": "function", "function": {"name": ...}}`` (calls to that one)
+        or ``"none"`` (plain text, unconstrained). ``parallel_tool_calls``: one or more
+        calls per answer (True) or exactly one (False). ``tool_format``: ``"auto"``
+        renders through the bundle's chat template when it supports tools
+        (``<tool_call>`` format, e.g. Qwen2.5) and jinja2 is installed, else the plain
+        format; ``"template"`` insists on the template; ``"plain"`` never uses it.
+
+        Raises:
+            InvalidArgumentError: malformed tools, tool_choice, parallel_tool_calls or
+                tool_format (or ``"template"`` for a template without tool support).
+        """
+        parsed = parse_tools(tools)
+        if not isinstance(parallel_tool_calls, bool):
             raise InvalidArgumentError(
-                f"a message or tool contains the special token text {found!r}; remove it, or "
-                "load with LoadOptions(chat_special_tokens=True) if the caller is trusted"
+                f"parallel_tool_calls must be True or False, got {parallel_tool_calls!r}"
             )
-    ids = model.encode(text, add_special_tokens=False)
-    if constraint is not None:
-        options["constraint"] = constraint
-    config = model.decode_config(GenerationOptions.build(None, options))
-    with model.conversation() as conversation:
-        result = conversation._collect(ids, config)
-    call = None
-    if constraint is not None and result.finish_reason in COMPLETE:
-        call = parse_tool_call(result.text, parsed, tagged=True)
-    return ToolChatResult(result.text, (call,) if call else (), result)
+        template = _template_for(model, tool_format)
+        constraint = tool_constraint(parsed, tool_choice, template is not None, parallel_tool_calls)
+        return cls(
+            parsed,
+            tuple(template_tools(tools, parsed)),
+            "auto" if tool_choice is None else tool_choice,
+            parallel_tool_calls,
+            template,
+            constraint,
+        )
+
+    def prompt_ids(self, model: TextGenerator, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Token ids of ``messages`` (OpenAI-style, with ``tool`` results and assistant
+        ``tool_calls``) and the tools, with the generation prompt.
+
+        Message and tool text cannot forge special tokens: the plain format encodes it
+        as :meth:`TextGenerator.chat_ids` does; the template format refuses it
+        (:class:`InvalidArgumentError`) unless the model was loaded with
+        ``LoadOptions(chat_special_tokens=True)``.
+        """
+        if self.template is None:
+            chat_format = model.chat_format
+            system_role = chat_format is None or "system" in chat_format.roles
+            plain = tool_messages(
+                messages, self.tools, self.tool_choice, system_role, self.parallel
+            )
+            return model.chat_ids(plain)
+        shaped = template_messages(messages)
+        schemas = [dict(t) for t in self.tool_dicts]
+        tokens = model.manifest.special_tokens
+        strings = {"bos_token": tokens.bos_token or "", "eos_token": tokens.eos_token or ""}
+        text = render_chat_with_tools(shaped, self.template, schemas, True, strings)
+        if not model.chat_special_tokens:
+            typed = json.dumps([shaped, schemas], ensure_ascii=False, default=str)
+            found = next(
+                (t for t in special_token_strings(model.tokenizer) if t and t in typed), None
+            )
+            if found is not None:
+                raise InvalidArgumentError(
+                    f"a message or tool contains the special token text {found!r}; remove it, "
+                    "or load with LoadOptions(chat_special_tokens=True) if the caller is trusted"
+                )
+        return model.encode(text, add_special_tokens=False)
+
+    def calls(self, text: str, finish_reason: FinishReason | None) -> tuple[ToolCall, ...]:
+        """The calls a finished answer makes: ``()`` for plain text, for
+        ``tool_choice="none"``, or for an answer that did not complete (``length``,
+        ``deadline``: a cut call stays text)."""
+        if self.constraint is None or finish_reason not in COMPLETE:
+            return ()
+        return parse_tool_calls(text, self.tools, tagged=self.template is not None)

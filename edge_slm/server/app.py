@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import edge_slm
 from edge_slm.errors import EdgeSlmError
-from edge_slm.generation.tools import Tool, parse_tool_call
+from edge_slm.generation.tools import ToolUse
 from edge_slm.server import responses, static
 from edge_slm.server.config import DEFAULT_MAX_LIVE, ServerConfig
 from edge_slm.server.errors import ApiError, bad_request, busy, from_runtime_error
@@ -581,8 +581,6 @@ class Handler(BaseHTTPRequestHandler):
             chat=chat,
             vocab_size=manifest.vocab_size,
             max_n=app.admission.max_live,
-            system_role=getattr(model, "chat_format", None) is None
-            or "system" in model.chat_format.roles,
         )
         if len(request.jobs) > app.admission.max_live:
             raise bad_request(
@@ -601,9 +599,15 @@ class Handler(BaseHTTPRequestHandler):
             )
         max_tokens = request.max_tokens or min(manifest.generation_defaults.max_new_tokens, cap)
         options = dict(request.options, max_new_tokens=max_tokens)
-        if "constraint" in options:  # an invalid schema is a 400 before any stream starts
-            model.decode_config(edge_slm.GenerationOptions(constraint=options["constraint"]))
-        prompt_tokens = self._prompt_tokens(model, request)
+        # With tools the runtime's chat call renders, constrains and parses them (the
+        # bundle's tool format); resolved here too, to refuse a bad request before any
+        # stream starts and to count the prompt as it is encoded.
+        tools = ToolUse.resolve(model, **request.tool_args) if request.tools else None
+        options.update(request.tool_args)
+        constraint = tools.constraint if tools is not None else options.get("constraint")
+        if constraint is not None:  # an invalid schema is a 400 before any stream starts
+            model.decode_config(edge_slm.GenerationOptions(constraint=constraint))
+        prompt_tokens = self._prompt_tokens(model, request, tools)
         app.admission.acquire(len(request.jobs), self._deadline_left(started))
         run: Run | None = None
         try:
@@ -629,13 +633,16 @@ class Handler(BaseHTTPRequestHandler):
             app.admission.release(len(request.jobs))
 
     @staticmethod
-    def _prompt_tokens(model: Any, request: CompletionRequest) -> int:
+    def _prompt_tokens(model: Any, request: CompletionRequest, tools: ToolUse | None) -> int:
         """Prompt tokens for usage, counted as the runtime encodes them (chat: the rendered
-        template without added special tokens; completions: with them)."""
+        template without added special tokens, with the tools if any; completions: with
+        them)."""
         total = 0
         if request.chat:
             messages = request.jobs[0].messages
             assert messages is not None
+            if tools is not None:
+                return len(tools.prompt_ids(model, messages))
             # The ids the runtime feeds: with safe rendering, special-token text inside
             # messages is encoded as plain text, so the rendered prompt encoded whole
             # would count differently.
@@ -658,10 +665,13 @@ class Handler(BaseHTTPRequestHandler):
     def _collect(self, run: Run, request: CompletionRequest, prompt_tokens: int) -> int:
         texts: dict[int, list[str]] = {job.index: [] for job in request.jobs}
         steps: dict[int, list[Any]] = {job.index: [] for job in request.jobs}
+        calls: dict[int, Any] = {job.index: () for job in request.jobs}
         for ev in run.events(self._client_gone):
             if ev.error is not None:
                 self._raise(ev.error)
             texts[ev.job.index].append(ev.chunk.text)
+            if ev.chunk.finish_reason is not None:
+                calls[ev.job.index] = ev.chunk.tool_calls
             if request.logprobs:
                 steps[ev.job.index].extend(ev.chunk.steps)
         if run.cancel_reason == "shutdown":
@@ -680,9 +690,10 @@ class Handler(BaseHTTPRequestHandler):
                     else None
                 )
                 message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-                call = _tool_call(request.tools, text, run.stats[job.index].finish_reason)
-                if call is not None:
-                    message.update(content=None, tool_calls=[call.to_openai()])
+                if calls[job.index]:
+                    message.update(
+                        content=None, tool_calls=[c.to_openai() for c in calls[job.index]]
+                    )
                     reason = "tool_calls"
                 choices.append(
                     {
@@ -783,14 +794,16 @@ class Handler(BaseHTTPRequestHandler):
                 logprobs = (
                     responses.chat_logprobs(chunk.steps, token_text) if request.logprobs else None
                 )
-                if request.tools:  # a call or text: known at the end, sent in one delta
+                if request.may_call:  # calls or text: known at the end, sent in one delta
                     held[index] += chunk.text
                     if reason is None:
                         continue
-                    call = _tool_call(request.tools, held[index], str(chunk.finish_reason))
-                    if call is not None:
-                        item = {"index": 0, **call.to_openai()}
-                        delta: dict[str, Any] = {"content": None, "tool_calls": [item]}
+                    if chunk.tool_calls:
+                        items = [
+                            {"index": i, **call.to_openai()}
+                            for i, call in enumerate(chunk.tool_calls)
+                        ]
+                        delta: dict[str, Any] = {"content": None, "tool_calls": items}
                         reason = "tool_calls"
                     else:
                         delta = {"content": held[index]}
@@ -966,14 +979,6 @@ class _Slot:
 
     def __exit__(self, *exc: object) -> None:
         self.admission.release(1)
-
-
-def _tool_call(tools: tuple[Tool, ...], text: str, finish_reason: str | None) -> Any:
-    """The call a completed answer makes (a ToolCall), or None: no tools, plain text,
-    or an answer cut short (``length``, ``deadline``) that stays text."""
-    if not tools or finish_reason not in ("constraint", "stop_token"):
-        return None
-    return parse_tool_call(text, tools)
 
 
 def _chain(first: list[Any], rest: Any) -> Any:

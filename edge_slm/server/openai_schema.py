@@ -10,9 +10,10 @@ Policy for fields (docs/server.md, "Request fields"):
   (``tools: []``, ``echo: false``, ...);
 * ``response_format`` (``text``, ``json_object``, ``json_schema``, and the extensions
   ``regex`` and ``grammar``) becomes a generation ``constraint``
-  (docs/structured-output.md); so do ``tools`` with ``tool_choice``, whose messages
-  (``role: "tool"``, assistant ``tool_calls``) are rendered in the runtime's tool format
-  (edge_slm/generation/tools.py);
+  (docs/structured-output.md); ``tools``, ``tool_choice`` and ``parallel_tool_calls``
+  are checked here and handed to the runtime's chat call, which renders the messages
+  (``role: "tool"``, assistant ``tool_calls``) in the bundle's tool format and
+  constrains and parses the calls (edge_slm/generation/tools.py);
 * anything else is refused with a 400 naming the field: a request is never silently
   answered differently from what it asked for.
 """
@@ -27,7 +28,7 @@ from typing import Any
 from edge_slm.encoders.entities import AGGREGATIONS
 from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation.constraints import Constraint, Grammar, JsonSchema, Regex
-from edge_slm.generation.tools import Tool, parse_tools, tool_constraint, tool_messages
+from edge_slm.generation.tools import parse_tools, tool_constraint
 from edge_slm.server.errors import ApiError, bad_request
 
 IGNORED = frozenset(
@@ -36,7 +37,6 @@ IGNORED = frozenset(
         "metadata",
         "store",
         "service_tier",
-        "parallel_tool_calls",
         "prompt_cache_key",
         "safety_identifier",
     }
@@ -57,7 +57,7 @@ class Job:
 
     index: int
     seed_offset: int
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     prompt: str | None = None
 
 
@@ -76,9 +76,26 @@ class CompletionRequest:
     top_logprobs: int
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    tools: tuple[Tool, ...] = ()
-    """The tools whose calls the answers are parsed for (empty: none, or ``tool_choice``
-    is ``"none"``)."""
+    tools: tuple[dict[str, Any], ...] = ()
+    """OpenAI's ``tools`` as given (empty: none)."""
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
+
+    @property
+    def tool_args(self) -> dict[str, Any]:
+        """The keyword arguments of the runtime's ``stream_chat`` for the tools."""
+        if not self.tools:
+            return {}
+        return {
+            "tools": list(self.tools),
+            "tool_choice": self.tool_choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
+        }
+
+    @property
+    def may_call(self) -> bool:
+        """Whether an answer may be tool calls (tools given, ``tool_choice`` not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 @dataclass(frozen=True)
@@ -263,13 +280,18 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(body: Mapping[str, Any]) -> tuple[tuple[Tool, ...], Any]:
-    """``tools`` and ``tool_choice`` (OpenAI's shapes), validated."""
+def _tools(body: Mapping[str, Any]) -> tuple[tuple[dict[str, Any], ...], Any, bool]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` (OpenAI's shapes), validated."""
     value, choice = body.get("tools"), body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise bad_request(
+            f"'parallel_tool_calls' must be true or false, got {parallel!r}", "parallel_tool_calls"
+        )
     if not value:
         if choice not in (None, "none", "auto"):
             raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
-        return (), None
+        return (), "auto", True
     try:
         tools = parse_tools(value)
     except InvalidArgumentError as error:
@@ -278,7 +300,7 @@ def _tools(body: Mapping[str, Any]) -> tuple[tuple[Tool, ...], Any]:
         tool_constraint(tools, choice)  # checks the choice
     except InvalidArgumentError as error:
         raise bad_request(str(error), "tool_choice") from None
-    return tools, "auto" if choice is None else choice
+    return tuple(value), "auto" if choice is None else choice, parallel is not False
 
 
 def _prompts(body: Mapping[str, Any]) -> tuple[str, ...]:
@@ -319,6 +341,7 @@ _CHAT_FIELDS = _SAMPLING | {
     "top_logprobs",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
     "functions",
     "function_call",
     "response_format",
@@ -364,11 +387,9 @@ def _response_format(body: Mapping[str, Any]) -> Constraint | None:
 
 
 def parse_completion(
-    body: Mapping[str, Any], *, chat: bool, vocab_size: int, max_n: int, system_role: bool = True
+    body: Mapping[str, Any], *, chat: bool, vocab_size: int, max_n: int
 ) -> CompletionRequest:
-    """Validate a chat or text completion body; ``vocab_size`` bounds ``logit_bias``;
-    ``system_role``: the model's chat format has one (else tools are described in the
-    first user message)."""
+    """Validate a chat or text completion body; ``vocab_size`` bounds ``logit_bias``."""
     _check_unknown(body, _CHAT_FIELDS if chat else _COMPLETION_FIELDS)
     if chat:
         _only_default(body, "functions", [None, []], "use 'tools'")
@@ -425,24 +446,18 @@ def parse_completion(
         "constraint": _response_format(body),
     }
     options = {k: v for k, v in options.items() if v is not None}
-    tools: tuple[Tool, ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
+    choice: Any = "auto"
+    parallel = True
     if chat:
-        tools, choice = _tools(body)
-        try:
-            messages = tuple(tool_messages(_messages(body), tools, choice, system_role))
-        except InvalidArgumentError as error:
-            raise bad_request(str(error), "messages") from None
-        calls = tool_constraint(tools, choice) if tools else None
-        if calls is not None:
-            if "constraint" in options:
-                raise bad_request(
-                    "'response_format' cannot be combined with 'tools' (use tool_choice "
-                    "'none' for a formatted answer)",
-                    "response_format",
-                )
-            options["constraint"] = calls
-        else:
-            tools = ()
+        tools, choice, parallel = _tools(body)
+        if tools and choice != "none" and "constraint" in options:
+            raise bad_request(
+                "'response_format' cannot be combined with 'tools' (use tool_choice "
+                "'none' for a formatted answer)",
+                "response_format",
+            )
+        messages = tuple(_messages(body))
         jobs = tuple(Job(i, i, messages=messages) for i in range(n))
     else:
         prompts = _prompts(body)
@@ -461,6 +476,8 @@ def parse_completion(
         top_logprobs=top_logprobs,
         seed=seed,
         tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
     )
 
 
