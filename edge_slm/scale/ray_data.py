@@ -209,11 +209,25 @@ def map_bundle(
         batch_size=batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,
-        concurrency=workers,
+        compute=_pool(workers),
         num_cpus=cpus_per_worker,
         max_restarts=max_restarts,
         max_task_retries=-1 if max_restarts != 0 else 0,
     )
+
+
+def _pool(workers: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
+    """A fixed pool of ``workers`` actors, or one autoscaling between ``(min, max)``."""
+    if isinstance(workers, tuple):
+        low, high = workers
+        if not 1 <= low <= high:
+            raise InvalidArgumentError(
+                f"workers (min, max) must have 1 <= min <= max, got {workers}"
+            )
+        return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InvalidArgumentError(f"workers must be an integer >= 1, got {workers!r}")
+    return ray.data.ActorPoolStrategy(size=workers)
 
 
 def connect(address: str | None, workers: int, cpus_per_worker: int) -> None:
@@ -261,6 +275,7 @@ def ray_engine(
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress, not Ray's
         while wave := list(islice(works, WAVE_BLOCKS_PER_WORKER * workers)):
             yield from _run_wave(wave, bundle, spec, workers, cpus_per_worker)
 
