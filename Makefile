@@ -14,7 +14,7 @@ ASSETS := .cache/assets
 # torch is pinned: these machines carry the 2.13.0 CPU wheel; an unpinned torch pulls CUDA.
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test test-slow test-soak test-browser test-arm64 runtime-check bench bench-server bench-concurrency bench-train peers clean
+.PHONY: setup demo test test-slow test-soak test-ray test-browser test-arm64 runtime-check bench bench-server bench-concurrency bench-train peers clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,17 @@ test-slow: setup $(ASSETS)/.smollm2 $(ASSETS)/.encoders
 # random bundle; prints RSS and latency every 100 requests and checks both stay flat.
 test-soak: setup
 	$(PY) -m pytest -q -s -m soak
+
+# edge-slm batch and the Ray Data transform on one local Ray cluster (tests/test_ray.py,
+# marker ray; ray.init(num_cpus=2) for the whole session): each task equals the
+# single-process runtime row for row, a killed actor is retried. Installs the ray extra
+# (ray[data]==2.60.0 and pyarrow, about 410 MB) into .venv.
+$(VENV)/.ray: $(VENV)/.installed
+	$(PIP) install -q -e ".[ray]"
+	touch $@
+
+test-ray: setup $(VENV)/.ray
+	$(PY) -m pytest -q -m ray
 
 # The kiosk page (examples/kiosk) end to end: `edge-slm serve` with a tiny random bundle,
 # the page driven in headless Chromium by selenium. Installs Debian's chromium and
