@@ -273,9 +273,10 @@ def _read_entry(
     entry: Path, key: dict[str, Any], secret: bytes, rehash: bool
 ) -> tuple[str, dict[str, Any], bool]:
     """("", record, refreshed) if ``entry`` is complete, authentic and intact for
-    ``key``, else (why not, {}, False). A cached file whose size, mtime, ctime, inode and device match the
-    facts recorded when it was hashed (:mod:`edge_slm.bundle.hash_record`) is not read
-    again unless ``rehash``; any other is hashed and compared with the recorded sha256.
+    ``key``, else (why not, {}, False). A cached file whose size, mtime, ctime, inode
+    and device match the facts recorded when it was hashed
+    (:mod:`edge_slm.bundle.hash_record`) is not read again unless ``rehash``; any other
+    is hashed and compared with the recorded sha256.
     The returned record's ``stat`` holds the facts of the files hashed now; ``refreshed``
     says they differ from the stored ones (the caller saves them)."""
     try:
