@@ -27,7 +27,8 @@ Two guards keep the facts honest:
 * **Kernel-kept ctime only** (:func:`trusted_filesystem`): facts are recorded only for
   files on a local POSIX filesystem (ext2/3/4, xfs, btrfs, f2fs, tmpfs, ...), found in
   ``/proc/self/mountinfo`` by device number. On FAT/exFAT/NTFS (a USB stick edited on
-  another computer, which can set any timestamp), network and FUSE filesystems, or
+  another computer, which can set any timestamp), network and FUSE filesystems, a
+  device no mount line names (overlay layers in containers, btrfs subvolumes), or
   without ``/proc``, every load hashes in full.
 * **Racy files** (as git's index does): a file whose ctime is less than
   :data:`RACY_NS` before the moment it was hashed is not recorded, since a write in the
@@ -70,27 +71,20 @@ def stat_facts(stat: os.stat_result) -> Facts:
     return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
 
 
-_filesystems: dict[int, str] = {}
-
-
 def filesystem_type(device: int) -> str:
     """The type of the filesystem mounted from ``device`` (``/proc/self/mountinfo``), or
-    ``""`` when unknown (no ``/proc``, a device no mount line names)."""
-    if device in _filesystems:
-        return _filesystems[device]
-    kind = ""
+    ``""`` when unknown (no ``/proc``, a device no mount line names). Read at each call,
+    not remembered: a USB stick may be replaced by another filesystem while a kiosk runs."""
     wanted = f"{os.major(device)}:{os.minor(device)}"
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
             for line in mounts:
                 fields = line.split()
                 if len(fields) > 2 and fields[2] == wanted and " - " in line:
-                    kind = line.split(" - ", 1)[1].split()[0]
-                    break
+                    return line.split(" - ", 1)[1].split()[0]
     except (OSError, IndexError):
-        kind = ""
-    _filesystems[device] = kind
-    return kind
+        pass
+    return ""
 
 
 def trusted_filesystem(device: int) -> bool:
