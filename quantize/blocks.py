@@ -40,8 +40,9 @@ class Blocks:
             stores 2 bytes per super-block and 1 per block instead of 4 per block.
         min_factors: ``(shift [N, K/block], outer [N, G], inner [N, G, K/block/G])`` with
             ``mins`` equal to ``shift * scales - outer[..., None] * inner`` in fp32 (a
-            K-quant's offset ``z d sc - dmin m``), ``outer`` fp16 and ``inner`` int8
-            values, ``shift`` small integers; used with ``scale_factors`` only.
+            K-quant's offset ``z d sc - dmin m``; Q4_1's ``8 d + m`` with ``outer = -m``
+            and ``inner`` ones), ``outer`` fp16 and ``inner`` int8 values, ``shift``
+            small integers: 2 bytes per super-block and 1 per block in the file.
     """
 
     bits: int
@@ -105,10 +106,11 @@ def concat_rows(parts: list[Blocks]) -> Blocks:
             np.concatenate([p.scale_factors[0] for p in parts if p.scale_factors]),
             np.concatenate([p.scale_factors[1] for p in parts if p.scale_factors]),
         )
-        if all(p.min_factors is not None for p in parts):
-            offsets = tuple(
-                np.concatenate([p.min_factors[i] for p in parts if p.min_factors]) for i in range(3)
-            )
+    shapes = {None if p.min_factors is None else p.min_factors[2].shape[2] for p in parts}
+    if None not in shapes and len(shapes) == 1:
+        offsets = tuple(
+            np.concatenate([p.min_factors[i] for p in parts if p.min_factors]) for i in range(3)
+        )
     return Blocks(
         parts[0].bits,
         np.concatenate([p.codes for p in parts]),
@@ -216,11 +218,9 @@ class BlockWriter:
         self.block_sums[(x, block)] = f"{tag}/block_sums"
         return self.block_sums[(x, block)]
 
-    def _scales(self, name: str, blocks: Blocks, nodes: list[onnx.NodeProto]) -> str | None:
+    def _scales(self, name: str, blocks: Blocks, nodes: list[onnx.NodeProto]) -> None:
         """The fp32 ``[N * K/block]`` scales ``name``: fp16 + Cast when exact, else the
-        product of their fp16 and int8 factors when the blocks have them, else fp32.
-
-        Returns the name of the ``[N, G, K/block/G]`` product when the factors were used."""
+        product of their fp16 and int8 factors when the blocks have them, else fp32."""
         scales = np.ascontiguousarray(blocks.scales.reshape(-1), dtype=np.float32)
         factors = blocks.scale_factors
         if (
@@ -229,7 +229,7 @@ class BlockWriter:
             or np.array_equal(scales.astype(np.float16).astype(np.float32), scales)
         ):
             self._float(name, scales, nodes)
-            return None
+            return
         outer, inner = factors
         half, small = outer.astype(np.float16), inner.astype(np.int8)
         product = (half.astype(np.float32)[..., None] * small.astype(np.float32)).reshape(-1)
@@ -264,18 +264,15 @@ class BlockWriter:
                 helper.make_node("Reshape", [f"{name}_3d", shape], [name], name=f"{name}_flat"),
             ]
         )
-        return f"{name}_3d"
 
-    def _mins(
-        self, name: str, blocks: Blocks, scales_3d: str | None, nodes: list[onnx.NodeProto]
-    ) -> None:
+    def _mins(self, name: str, blocks: Blocks, scales: str, nodes: list[onnx.NodeProto]) -> None:
         """The fp32 ``[K/block, N]`` block offsets ``name``: computed from their factors
-        (``shift * scales - outer * inner``, the ops in the order :class:`Blocks` states)
-        when the blocks have them and the scales were factored, else stored."""
+        (``shift * scales - outer * inner``, the ops in the order :class:`Blocks` states;
+        ``scales`` names the flat fp32 scales) when the blocks have them, else stored."""
         assert blocks.mins is not None
         mins = blocks.mins
         half_exact = np.array_equal(mins.astype(np.float16).astype(np.float32), mins)
-        if blocks.min_factors is None or scales_3d is None or half_exact:
+        if blocks.min_factors is None or not self.half_storage or half_exact:
             self._float(name, mins.T, nodes)
             return
         shift, outer, inner = blocks.min_factors
@@ -288,31 +285,55 @@ class BlockWriter:
             "offset factors do not give the offsets"
         )
         constant = bool(np.all(shift3 == shift3.flat[0]))
-        inits = [
-            numpy_helper.from_array(half[..., None], f"{name}_outer_fp16"),
-            numpy_helper.from_array(small, f"{name}_inner_int8"),
-            numpy_helper.from_array(np.asarray([n, -1], np.int64), f"{name}_shape"),
-        ]
-        if constant:  # one shift for every block (the usual case): a scalar
-            inits.append(numpy_helper.from_array(shift3.flat[0:1].copy(), f"{name}_shift"))
-        else:
-            inits.append(numpy_helper.from_array(shift3.astype(np.uint8), f"{name}_shift_u8"))
-        self.new_inits.extend(inits)
         cast = onnx.TensorProto.FLOAT
+        self.new_inits.extend(
+            [
+                numpy_helper.from_array(half[..., None], f"{name}_outer_fp16"),
+                numpy_helper.from_array(np.asarray(minus.shape, np.int64), f"{name}_shape3"),
+                numpy_helper.from_array(np.asarray([n, -1], np.int64), f"{name}_shape"),
+            ]
+        )
         nodes.extend(
             [
                 helper.make_node(
                     "Cast", [f"{name}_outer_fp16"], [f"{name}_outer"], name=f"{name}_oc", to=cast
                 ),
                 helper.make_node(
-                    "Cast", [f"{name}_inner_int8"], [f"{name}_inner"], name=f"{name}_ic", to=cast
-                ),
-                helper.make_node(
-                    "Mul", [f"{name}_outer", f"{name}_inner"], [f"{name}_minus"], name=f"{name}_m1"
+                    "Reshape", [scales, f"{name}_shape3"], [f"{name}_s3"], name=f"{name}_s3"
                 ),
             ]
         )
-        if not constant:
+        if np.all(small == 1):  # the minimums are fp16 values themselves (Q4_1, Q5_1)
+            nodes.append(
+                helper.make_node(
+                    "Identity", [f"{name}_outer"], [f"{name}_minus"], name=f"{name}_m1"
+                )
+            )
+        else:
+            self.new_inits.append(numpy_helper.from_array(small, f"{name}_inner_int8"))
+            nodes.extend(
+                [
+                    helper.make_node(
+                        "Cast",
+                        [f"{name}_inner_int8"],
+                        [f"{name}_inner"],
+                        name=f"{name}_ic",
+                        to=cast,
+                    ),
+                    helper.make_node(
+                        "Mul",
+                        [f"{name}_outer", f"{name}_inner"],
+                        [f"{name}_minus"],
+                        name=f"{name}_m1",
+                    ),
+                ]
+            )
+        if constant:  # one shift for every block (the usual case): a scalar
+            self.new_inits.append(numpy_helper.from_array(shift3.flat[0:1].copy(), f"{name}_shift"))
+        else:
+            self.new_inits.append(
+                numpy_helper.from_array(shift3.astype(np.uint8), f"{name}_shift_u8")
+            )
             nodes.append(
                 helper.make_node(
                     "Cast", [f"{name}_shift_u8"], [f"{name}_shift"], name=f"{name}_sc", to=cast
@@ -321,7 +342,7 @@ class BlockWriter:
         nodes.extend(
             [
                 helper.make_node(
-                    "Mul", [f"{name}_shift", scales_3d], [f"{name}_centre"], name=f"{name}_m2"
+                    "Mul", [f"{name}_shift", f"{name}_s3"], [f"{name}_centre"], name=f"{name}_m2"
                 ),
                 helper.make_node(
                     "Sub", [f"{name}_centre", f"{name}_minus"], [f"{name}_3d"], name=f"{name}_sub"
@@ -343,7 +364,7 @@ class BlockWriter:
         b_name, s_name, z_name = f"{base}_Q{blocks.bits}", f"{base}_scales", f"{base}_zp"
         self.new_inits.append(numpy_helper.from_array(pack_codes(blocks), b_name))
         nodes: list[onnx.NodeProto] = []
-        scales_3d = self._scales(s_name, blocks, nodes)
+        self._scales(s_name, blocks, nodes)
         inputs = [x, b_name, s_name]
         default_zp = 8 if blocks.bits == 4 else 128
         if np.any(blocks.zero_points != default_zp):
@@ -371,7 +392,7 @@ class BlockWriter:
         if blocks.mins is not None:
             sums = self._sums(x, k, blocks.block_size, nodes)
             m_name = f"{base}_block_mins"
-            self._mins(m_name, blocks, scales_3d, nodes)  # [K/block, N]
+            self._mins(m_name, blocks, s_name, nodes)  # [K/block, N]
             nodes.append(
                 helper.make_node(
                     "MatMul", [sums, m_name], [f"{y}/mins"], name=f"{node.name}{MIN_TERM_SUFFIX}"

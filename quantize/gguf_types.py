@@ -113,10 +113,16 @@ def _q4_0(b: np.ndarray) -> Blocks:
     return Blocks(4, _nibbles(b[..., 2:18]), scales, zero, None, ("Q4_0",))
 
 
+def _fp16_minus(mins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_1 / Q5_1: ``-m`` as offset factors (fp16 values, inner factor 1)."""
+    return -mins, np.ones((*mins.shape, 1), dtype=np.float32)
+
+
 def _q4_1(b: np.ndarray) -> Blocks:
     b = b.reshape(b.shape[0], -1, 20)
     scales, mins = _fp16(b[..., 0:2]), _fp16(b[..., 2:4])
-    return with_offsets(4, _nibbles(b[..., 4:20]), scales, -mins, 0, ("Q4_1",))
+    codes = _nibbles(b[..., 4:20])
+    return with_offsets(4, codes, scales, -mins, 0, ("Q4_1",), None, _fp16_minus(mins))
 
 
 def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
@@ -135,7 +141,7 @@ def _q5_1(b: np.ndarray) -> Blocks:
     b = b.reshape(b.shape[0], -1, 24)
     scales, mins = _fp16(b[..., 0:2]), _fp16(b[..., 2:4])
     codes = _q5_codes(b[..., 4:8], b[..., 8:24]) + np.uint8(112)
-    return with_offsets(8, codes, scales, -mins, 112, ("Q5_1",))
+    return with_offsets(8, codes, scales, -mins, 112, ("Q5_1",), None, _fp16_minus(mins))
 
 
 def _q8_0(b: np.ndarray) -> Blocks:
