@@ -80,6 +80,15 @@ def _decoder_io(config: Any, graph_inputs: set[str]) -> DecoderIO:
     )
 
 
+def _context_length(config: Any, io: DecoderIO) -> int:
+    """The model's context, cut to the positions a fused graph covers (a family may build
+    fewer than the config allows: Phi-3's long-rope graph stops at the original length)."""
+    length = int(
+        getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
+    )
+    return min(length, io.max_length) if io.max_length else length
+
+
 def _special_tokens(tokenizer: Any, generation_config: Any) -> SpecialTokens:
     """Special ids, preferring generation_config (what ``generate`` stops on)."""
     eos = generation_config.eos_token_id
@@ -218,9 +227,7 @@ def _assemble(
         model_type=config.model_type,
         architecture=(config.architectures or [type(loaded.model).__name__])[0],
         vocab_size=int(config.vocab_size),
-        context_length=int(
-            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
-        ),
+        context_length=_context_length(config, io),
         files={"model": "model.onnx", "tokenizer": "tokenizer.json"},
         special_tokens=special,
         provenance=Provenance(
