@@ -31,9 +31,10 @@ def _family_modules() -> list[str]:
 
 
 def test_supported_families() -> None:
-    assert supported("decoder") == ("gpt2", "llama", "qwen2")
+    decoders = ("gemma3_text", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3")
+    assert supported("decoder") == decoders
     assert supported("encoder") == ("bert", "distilbert", "roberta")
-    assert supported() == ("bert", "distilbert", "gpt2", "llama", "qwen2", "roberta")
+    assert supported() == tuple(sorted((*decoders, "bert", "distilbert", "roberta")))
 
 
 @pytest.mark.parametrize("name", _family_modules())
@@ -52,7 +53,7 @@ def test_each_module_is_found_by_its_model_type(name: str) -> None:
 
 @pytest.mark.parametrize("model_type", ["gpt_neox", "gemma3", "base", "../llama", "", "llama.x"])
 def test_unknown_model_type_is_refused_naming_the_supported_ones(model_type: str) -> None:
-    with pytest.raises(UnsupportedModelError, match=r"\['gpt2', 'llama', 'qwen2'\]"):
+    with pytest.raises(UnsupportedModelError, match=r"\['gemma3_text', 'gpt2', 'llama', 'mistral'"):
         decoder_architecture(model_type)
     with pytest.raises(UnsupportedModelError, match=r"\['bert', 'distilbert', 'roberta'\]"):
         encoder_architecture(model_type)
@@ -68,9 +69,11 @@ def test_a_family_of_the_other_kind_is_refused() -> None:
 
 
 def test_differences_are_overrides() -> None:
-    qwen2 = decoder_architecture("qwen2")
-    assert isinstance(qwen2, LlamaArchitecture)
-    assert type(qwen2).build_fused_graph is LlamaArchitecture.build_fused_graph
+    for family in ("qwen2", "qwen3", "mistral"):
+        architecture = decoder_architecture(family)
+        assert isinstance(architecture, LlamaArchitecture)
+        assert type(architecture).build_fused_graph is LlamaArchitecture.build_fused_graph
+    assert isinstance(decoder_architecture("phi3"), LlamaArchitecture)
     assert all(decoder_architecture(t).fused for t in supported("decoder"))
     assert encoder_architecture("roberta").position_offset(type("C", (), {"pad_token_id": 1})) == 2
     assert encoder_architecture("bert").position_offset(object()) == 0

@@ -28,6 +28,17 @@ CORPUS = [
 ]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 FAMILIES = ("gpt2", "llama", "qwen2")
+# Fused graph only (no optimum bundle is built for them): tests/test_architectures_new.py.
+# Sliding windows (8 positions) shorter than a prompt plus its generation, so they matter.
+FUSED_ONLY_FAMILIES = ("qwen3", "mistral", "phi3", "gemma3_text")
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+# Each family's official chat template (tests/fixtures/chat_templates/), carried by its tiny model.
+FAMILY_TEMPLATES = {
+    "qwen3": "qwen3.jinja",
+    "mistral": "mistral_7b_instruct_v0_3.jinja",
+    "phi3": "phi3_mini_4k_instruct.jinja",
+    "gemma3_text": "gemma3_it.jinja",
+}
 
 
 def build_tokenizer(vocab_size: int = 400) -> Any:
@@ -56,7 +67,7 @@ def build_tokenizer(vocab_size: int = 400) -> Any:
 
 
 def build_model(family: str, folder: Path, seed: int = 0) -> Path:
-    """Write a tiny random ``family`` model (gpt2, llama or qwen2) to ``folder``."""
+    """Write a tiny random ``family`` model (FAMILIES or FUSED_ONLY_FAMILIES) to ``folder``."""
     import torch
     from transformers import (
         GPT2Config,
@@ -107,9 +118,88 @@ def build_model(family: str, folder: Path, seed: int = 0) -> Path:
                 **common,
             )
         )
+    elif family in FUSED_ONLY_FAMILIES:
+        model = _fused_only_model(family, common)
+        _randomize_norms(model)
+        tokenizer.chat_template = (TEMPLATES / FAMILY_TEMPLATES[family]).read_text(encoding="utf-8")
     else:
-        raise ValueError(f"unknown family {family!r}; allowed: {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; allowed: {FAMILIES + FUSED_ONLY_FAMILIES}")
     model.eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def _randomize_norms(model: Any) -> None:
+    """Random RMS norm weights (they start at 1, or 0 in Gemma's ``1 + weight``), so a graph
+    that mixed the norms up, or dropped one, could not match transformers."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+
+
+def _fused_only_model(family: str, common: dict[str, Any]) -> Any:
+    """A tiny random model of a family only the fused graph exports (torch seeded by caller)."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    shape: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+    }
+    if family == "qwen3":  # layer 1 of 2 slides (layers from max_window_layers on)
+        config = Qwen3Config(
+            num_hidden_layers=2, head_dim=16, tie_word_embeddings=True, use_sliding_window=True,
+            sliding_window=8, max_window_layers=1, **shape, **common,
+        )  # fmt: skip
+        return Qwen3ForCausalLM(config)
+    if family == "mistral":  # head_dim 32 != hidden / heads, as Mistral-Nemo has it
+        config = MistralConfig(
+            num_hidden_layers=2, head_dim=32, sliding_window=8, tie_word_embeddings=False,
+            **shape, **common,
+        )  # fmt: skip
+        return MistralForCausalLM(config)
+    if family == "phi3":  # long-rope scaling (the short factors below 128 positions), a
+        # partial rotary embedding as Phi-4-mini has, a sliding window as Phi-3-mini-4k has
+        # (head_dim 64, 48 of them rotated: GroupQueryAttention wants half a multiple of 8)
+        half_rotary = 64 * 3 // 4 // 2
+        shape = {**shape, "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                 "max_position_embeddings": 512}  # fmt: skip
+        config = Phi3Config(
+            num_hidden_layers=2, original_max_position_embeddings=128, partial_rotary_factor=0.75,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0 + 0.25 * j for j in range(half_rotary)],
+                "long_factor": [2.0 + 0.5 * j for j in range(half_rotary)],
+            },
+            sliding_window=8, tie_word_embeddings=False, **shape, **common,
+        )  # fmt: skip
+        return Phi3ForCausalLM(config)
+    # gemma3_text: sliding and global layers (own rotary bases, linear scaling on global),
+    # head_dim 32 != hidden / heads, query_pre_attn_scalar != head_dim, a final logit soft
+    # cap (the attention soft cap needs eager attention in transformers: its own test).
+    # Gemma's own initializer range: at 0.3 the sqrt(hidden)-scaled tied embedding swamps
+    # every layer and greedy output repeats the last prompt token.
+    common = {**common, "initializer_range": 0.02}
+    config = Gemma3TextConfig(
+        num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}, final_logit_softcapping=30.0,
+        tie_word_embeddings=True, **shape, **common,
+    )  # fmt: skip
+    return Gemma3ForCausalLM(config)
