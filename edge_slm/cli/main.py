@@ -218,6 +218,27 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, chat: bool) -> No
         action="store_true",
         help="drop the oldest prompt tokens when the prompt is too long for the context",
     )
+    speed = parser.add_argument_group("speed")
+    speed.add_argument(
+        "--speculative",
+        choices=("prompt-lookup",),
+        help="draft tokens by looking the last words up in the prompt and answer, verify "
+        "them in one step: faster answers that quote the prompt (off by default)",
+    )
+    speed.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=4,
+        metavar="K",
+        help="with --speculative: at most K drafted tokens per step",
+    )
+    speed.add_argument(
+        "--speculative-ngram",
+        type=int,
+        default=3,
+        metavar="N",
+        help="with --speculative: look up the last N tokens (then shorter, down to 2)",
+    )
     structured = parser.add_argument_group(
         "structured output (needs edge-slm[structured]; docs/structured-output.md)"
     ).add_mutually_exclusive_group()
@@ -290,6 +311,9 @@ _OPTION_FIELDS = (
     "deadline_s",
     "truncate_prompt",
     "logprobs",
+    "speculative",
+    "speculative_tokens",
+    "speculative_ngram",
 )
 
 

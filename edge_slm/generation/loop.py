@@ -21,6 +21,7 @@ from edge_slm.generation.kv_slots import KVState
 from edge_slm.generation.options import DecodeConfig
 from edge_slm.generation.results import RunStats, TokenStep
 from edge_slm.generation.sampling import TokenLogprob, top_logprobs
+from edge_slm.generation.speculative import DraftAcceptor, DraftLength, propose
 from edge_slm.text.stops import Deadline, FinishReason
 
 _NO_ALTERNATIVES: tuple[TokenLogprob, ...] = ()
@@ -67,9 +68,24 @@ class SamplingState:
         self.rng = np.random.default_rng(config.options.seed)
         self.deadline: Deadline = config.deadline()
         self.constraint = config.constraint.start() if config.constraint is not None else None
+        opts = config.options
+        self.acceptor: DraftAcceptor | None = None
+        if opts.speculative is not None and opts.temperature:  # greedy needs no rule
+            self.acceptor = DraftAcceptor(
+                opts.temperature,
+                opts.top_k or 0,
+                opts.top_p or 1.0,
+                opts.min_p or 0.0,
+                opts.typical_p or 1.0,
+            )
 
-    def sample(self, logits: np.ndarray) -> TokenStep:
-        """Process ``logits`` ``[vocab]``, draw a token and say whether the sequence ends."""
+    def sample(self, logits: np.ndarray, draft: int | None = None) -> TokenStep:
+        """Process ``logits`` ``[vocab]``, draw a token and say whether the sequence ends.
+
+        With a speculative ``draft`` for this position, a sampling call keeps it by the
+        speculative-sampling rule (:class:`DraftAcceptor`); greedy needs nothing: the
+        caller keeps the draft when the argmax equals it.
+        """
         config = self.config
         row = logits
         if self.constraint is not None:  # first: processors and sampler see allowed tokens only
@@ -82,7 +98,10 @@ class SamplingState:
                 row = process(history, generated, row)
             if self.constraint is not None and not np.isfinite(row).any():
                 row = masked  # the processors banned every allowed token: the constraint wins
-        token = config.sampler(row, self.rng)
+        if draft is not None and self.acceptor is not None:
+            token = self.acceptor(row, draft, self.rng)
+        else:
+            token = config.sampler(row, self.rng)
         logprob, alternatives = math.nan, _NO_ALTERNATIVES
         if config.wants_logprob:  # a log-sum-exp over the vocabulary: only when asked
             logprob, alternatives = top_logprobs(row, token, config.logprobs)
@@ -138,16 +157,42 @@ def generate_step(
     ``prompt_ids`` (the caller truncated it to what it shares with the prompt): only
     the rest of the prompt is computed. When the loop ends, ``state`` holds every
     token but the last sampled one, so a later prompt can reuse it.
+
+    With ``speculative`` set, each forward after the first runs the pending token and
+    the drafts of :func:`~edge_slm.generation.speculative.propose` together; the
+    positions are sampled in turn like plain steps, and the drafts after the first
+    one not chosen are cut from ``state`` (its token list always matches its KV).
     """
     sampling = SamplingState(config, prompt_ids, budget)
     stats.prompt_ids = prompt_ids
     stats.reused_prompt_tokens = len(state.tokens)
-    logits = compute_prompt(backend, state, prompt_ids, sampling.deadline)
+    opts = config.options
+    draft_length = DraftLength(opts.speculative_tokens) if opts.speculative is not None else None
+    rows: Sequence[np.ndarray] = [compute_prompt(backend, state, prompt_ids, sampling.deadline)]
+    drafts: list[int] = []  # the tokens run after the pending one: rows[i + 1] follows drafts[i]
     while True:
-        step = sampling.sample(logits)
-        if stats.first_token_at is None:
-            stats.first_token_at = time.perf_counter()
-        yield step
-        if step.finish_reason is not None:
-            return
-        logits = backend.step(state, step.token_id)
+        for i, row in enumerate(rows):
+            draft = drafts[i] if i < len(drafts) else None
+            step = sampling.sample(row, draft)
+            if stats.first_token_at is None:
+                stats.first_token_at = time.perf_counter()
+            kept = draft is not None and step.token_id == draft and step.finish_reason is None
+            if not kept:  # drop the KV of drafts[i:]: the state ends before this token
+                backend.truncate(state, len(state.tokens) - (len(drafts) - i))
+            yield step
+            if step.finish_reason is not None:
+                return
+            if not kept:
+                if drafts and draft_length is not None:
+                    draft_length.update(len(drafts), i)
+                break
+        drafts = []
+        if draft_length is not None:
+            room = budget - len(sampling.generated) - 1  # drafts past the budget are unused
+            drafts = propose(
+                sampling.history, opts.speculative_ngram, min(draft_length.current, room)
+            )
+        if drafts:
+            rows = list(backend.extend(state, [step.token_id, *drafts], all_positions=True))
+        else:
+            rows = [backend.step(state, step.token_id)]

@@ -23,6 +23,7 @@ from edge_slm.generation.sampling import (
     make_logits_processors,
     make_sampler,
 )
+from edge_slm.generation.speculative import check_options as check_speculative
 from edge_slm.text.stops import Deadline, StopStringMatcher, make_stop_token_ids
 
 MAX_LOGPROBS = 20
@@ -46,6 +47,14 @@ class GenerationOptions:
     :class:`~edge_slm.generation.results.TokenStep` carries NaN; the decode loop then
     does only what sampling needs), 0 the chosen token's, n also its n likeliest
     alternatives.
+
+    ``speculative="prompt-lookup"`` drafts up to ``speculative_tokens`` tokens by finding
+    the last ``speculative_ngram`` tokens earlier in the prompt and answer, and verifies
+    them in one forward (:mod:`edge_slm.generation.speculative`): greedy keeps a draft
+    only where it is the argmax, sampling keeps the sampler's distribution. Off (None)
+    by default. The tokens equal plain decoding's where the graph computes a
+    several-token forward as it does one token (fp32 graphs); the quantized SmolLM2
+    graphs round differently and may part at near-ties (docs/performance.md).
     """
 
     max_new_tokens: int | None = None
@@ -66,6 +75,9 @@ class GenerationOptions:
     logprobs: int | None = None
     truncate_prompt: bool = False
     constraint: Constraint | None = None
+    speculative: str | None = None
+    speculative_tokens: int = 4
+    speculative_ngram: int = 3
 
     @classmethod
     def build(
@@ -205,6 +217,7 @@ def resolve_options(
         )
     stop_strings = StopStringMatcher(list(opts.stop)).stop_strings if opts.stop else ()
     Deadline(opts.deadline_s)  # validates the value; each call starts its own clock
+    check_speculative(opts.speculative, opts.speculative_tokens, opts.speculative_ngram)
     stop_ids = make_stop_token_ids(opts.stop_token_ids)
     for token_id in sorted(stop_ids):
         if token_id >= vocab_size:

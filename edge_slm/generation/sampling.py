@@ -68,6 +68,7 @@ __all__ = [
     "apply_top_k",
     "apply_top_p",
     "apply_typical_p",
+    "draw_without",
     "log_softmax",
     "make_logits_filter",
     "make_logits_processors",
@@ -672,6 +673,17 @@ def _draw(row: FloatArray, rng: np.random.Generator) -> int:
     if index >= cdf.shape[0]:  # only reachable through rounding: the last possible token
         index = int(np.flatnonzero(weights)[-1])
     return int(ids[index])
+
+
+def draw_without(logits: FloatArray, token_id: int, rng: np.random.Generator) -> int:
+    """Draw from ``softmax(logits)`` with ``token_id`` removed, one ``rng.random()``.
+
+    The residual draw of speculative sampling (:mod:`edge_slm.generation.speculative`).
+    At least one other token must have a finite logit.
+    """
+    row = np.copy(_as_logits(logits, need_finite=False))
+    row[token_id] = _NEG_INF
+    return _draw(_as_logits(row), _check_rng(rng))
 
 
 def _check_filters(
