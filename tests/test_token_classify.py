@@ -166,12 +166,16 @@ def test_ignore_labels_as_the_pipeline(
             pipelines[family], TEXTS[0], aggregation_strategy="simple", ignore_labels=ignore
         )
         assert_same_entities(expected, [e.to_dict() for e in got.entities])
-    labels = {e.label for e in tagger(TEXTS[0], aggregation="simple", ignore_labels=[])}
-    assert "O" in labels or "O" not in {e.label for e in tagger(TEXTS[0], aggregation="none")}
+    every_token = tagger(TEXTS[0], aggregation="none", ignore_labels=[])
+    encoding = tagger.model.tokenizer.encode(TEXTS[0])
+    assert len(every_token) == len(encoding.ids) - sum(encoding.special_tokens_mask)
+    assert "O" in {e.label for e in every_token}  # so the default ["O"] drops something
 
 
-@pytest.mark.parametrize("aggregation", ["simple", "first", "average", "max"])
-@pytest.mark.parametrize("family", ENCODERS)
+@pytest.mark.parametrize(
+    ("family", "aggregation"),
+    [("bert", "first"), ("distilbert", "average"), ("roberta", "simple"), ("roberta", "max")],
+)
 def test_stride_windows_equal_the_pipeline(
     family: str, aggregation: str, bundles: dict[str, Path], pipelines: dict[str, Any]
 ) -> None:
