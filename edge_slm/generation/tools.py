@@ -523,7 +523,19 @@ class ToolUse:
     def calls(self, text: str, finish_reason: FinishReason | None) -> tuple[ToolCall, ...]:
         """The calls a finished answer makes: ``()`` for plain text, for
         ``tool_choice="none"``, or for an answer that did not complete (``length``,
-        ``deadline``: a cut call stays text)."""
+        ``deadline``: a cut call stays text).
+
+        A call repeating an earlier one of the same answer (same name and arguments) is
+        dropped: small models, SmolLM2-135M among them, tend to write the same call
+        again and again, and running it twice (a booking) would be wrong.
+        """
         if self.constraint is None or finish_reason not in COMPLETE:
             return ()
-        return parse_tool_calls(text, self.tools, tagged=self.template is not None)
+        seen: set[str] = set()
+        out = []
+        for call in parse_tool_calls(text, self.tools, tagged=self.template is not None):
+            key = json.dumps([call.name, call.arguments], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(call)
+        return tuple(out)
