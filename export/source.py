@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from edge_slm.bundle import sha256_file
 from edge_slm_export.errors import ExportError, UnsupportedModelError
+from edge_slm_export.gguf_config import gguf_config_overrides
 
 SourceKind = Literal["hub", "folder", "gguf"]
 
@@ -88,7 +89,12 @@ def load_source(
     safetensors weights only unless ``allow_pickle`` (see :func:`weights_policy`).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     auto = AutoModelForCausalLM if task == "text-generation" else AutoModelForSequenceClassification
     kind = source_kind(source)
@@ -96,7 +102,12 @@ def load_source(
         if kind == "gguf":
             path = Path(source).resolve()
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = auto.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            for key, value in gguf_config_overrides(path).items():
+                setattr(config, key, value)  # what transformers' GGUF mapping drops
+            model = auto.from_pretrained(
+                path.parent, gguf_file=path.name, config=config, dtype=torch.float32
+            )
             # A GGUF-loaded model refuses save_pretrained while it carries a quantizer.
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):

@@ -266,3 +266,65 @@ def test_official_chat_template_renders_as_transformers(
     assert model.render_chat(CONVERSATIONS[2]) == tokenizer.apply_chat_template(
         CONVERSATIONS[2], tokenize=False, add_generation_prompt=True
     )
+
+
+def _write_gguf_metadata(config: Any, arch: str, out: Path) -> Path:
+    """A GGUF with ``config``'s hyper-parameters as llama.cpp's converter writes them (one
+    placeholder tensor: only the metadata is read here)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(config.rope_theta))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    if arch == "gemma3":
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+    writer.add_tensor("token_embd.weight", np.zeros((4, config.hidden_size), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.mark.parametrize(("family", "arch"), [("gemma3_text", "gemma3"), ("qwen3", "qwen3")])
+def test_gguf_metadata_maps_to_the_config(
+    family: str, arch: str, references: dict[str, Any], tmp_path: Path
+) -> None:
+    """What source.py reads from a GGUF (transformers' mapping + gguf_config_overrides) is the
+    config the file was written from, where it changes the model: head_dim (Qwen3-0.6B's
+    is not hidden / heads), Gemma 3's rope scaling on global layers and attention scale."""
+    from transformers import AutoConfig
+
+    from edge_slm_export.gguf_config import gguf_config_overrides
+
+    source = references[family].config
+    if arch == "gemma3":  # the released layer pattern (every sixth layer global), 8 layers
+        changes = {"num_hidden_layers": 8, "layer_types": None, "query_pre_attn_scalar": 32}
+    else:  # head_dim 32, not hidden / heads (16), as Qwen3-0.6B has it
+        changes = {"head_dim": 32}
+    source = type(source)(**{**source.to_dict(), **changes})
+    path = _write_gguf_metadata(source, arch, tmp_path / "m.gguf")
+    config = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    assert config.model_type == family
+    overrides = gguf_config_overrides(path)
+    keys = ["head_dim", "num_attention_heads", "num_key_value_heads", "rope_theta"]
+    if arch == "qwen3":
+        assert config.head_dim != source.head_dim  # what transformers alone gets wrong
+    if arch == "gemma3":
+        keys += ["rope_scaling", "query_pre_attn_scalar", "sliding_window", "layer_types",
+                 "rope_local_base_freq"]  # fmt: skip
+        assert config.rope_scaling != source.rope_scaling  # what transformers alone gets wrong
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    assert {k: getattr(config, k) for k in keys} == {k: getattr(source, k) for k in keys}
