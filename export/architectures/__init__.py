@@ -5,10 +5,11 @@ its ``ARCHITECTURE`` (the module name is the ``model_type``, ``-`` spelled ``_``
 mlx-lm finds ``mlx_lm.models.<model_type>``. Nothing registers itself at import time:
 the folder is the registry.
 
-Adding a family (e.g. Gemma 3, model_type ``gemma3``) is one new file, ``gemma3.py``,
-subclassing :class:`~edge_slm_export.architectures.base.DecoderArchitecture` (or the
-closest family, e.g. ``LlamaArchitecture``, overriding only what differs) and ending
-with ``ARCHITECTURE = Gemma3Architecture()``, plus its tests.
+Adding a family is one new file named after its ``model_type`` (Gemma 3's text model is
+``gemma3_text``, so ``gemma3_text.py``), subclassing
+:class:`~edge_slm_export.architectures.base.DecoderArchitecture` (or the closest family,
+e.g. ``LlamaArchitecture``, overriding only what differs, as ``qwen3.py`` does) and
+ending with ``ARCHITECTURE = ...Architecture()``, plus its tests.
 """
 
 from __future__ import annotations
