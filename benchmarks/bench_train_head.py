@@ -8,12 +8,14 @@ same vectors and the same stratified split (20% held out, seed 0):
   ``LogisticRegression`` (lbfgs), for several C;
 * C chosen on a validation part of the training split (never on the held-out split);
 * few-shot: 2-64 training examples per label drawn from the training split, 10 seeds,
-  accuracy on the whole held-out split (mean and standard deviation), plotted to
-  ``docs/few-shot.png``.
+  accuracy on the whole held-out split (mean and standard deviation), with C=1
+  (scikit-learn's default) and C=100, plotted to ``docs/few-shot.png``.
 
 Embeddings are cached in ``.cache/bench-train/`` (keyed by the bundle's graph sha256).
 
-    python benchmarks/bench_train_head.py --bundles bundles/minilm bundles/minilm-int8
+    python benchmarks/bench_train_head.py --bundles bundles/minilm
+    python benchmarks/bench_train_head.py --bundles bundles/minilm-int8 --datasets polarity \
+        --no-few-shot --json .cache/bench-train/results-int8.json
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ DATASETS = {"polarity": polarity_examples, "bbc": bbc_news_examples}
 SHOTS = (2, 4, 8, 16, 32, 64)
 SEEDS = 10
 CS = (0.1, 1.0, 10.0, 100.0)
+FEW_SHOT_CS = (1.0, 100.0)  # scikit-learn's default, and a weak regularisation
 
 
 def embeddings(bundle: Path, dataset: str, assets: Path, cache: Path) -> tuple[np.ndarray, float]:
@@ -49,12 +52,14 @@ def embeddings(bundle: Path, dataset: str, assets: Path, cache: Path) -> tuple[n
         return np.load(npy), float(json.loads(meta.read_text())["seconds"])
     texts = [text for text, _ in DATASETS[dataset](assets)]
     embedder = TextEmbedder(bundle, manifest)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     vectors = embedder.embed_all(texts, truncation="silent")
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     cache.mkdir(parents=True, exist_ok=True)
     np.save(npy, vectors)
-    meta.write_text(json.dumps({"seconds": seconds, "texts": len(texts), "bundle": str(bundle)}))
+    meta.write_text(
+        json.dumps({"seconds": seconds, "cpu_s": cpu, "texts": len(texts), "bundle": str(bundle)})
+    )
     print(f"embedded {dataset} with {bundle}: {seconds:.1f} s", file=sys.stderr)
     return vectors, seconds
 
@@ -71,18 +76,20 @@ def parity(x: np.ndarray, y: list[str], train: list[int], held: list[int]) -> li
     x_held, y_held = x[held], [y[i] for i in held]
     rows = []
     for C in CS:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         head = fit_logistic(x_train, y_train, C=C)
-        ours_s = time.perf_counter() - start
-        start = time.perf_counter()
+        ours_s, ours_cpu = time.perf_counter() - start, time.process_time() - cpu
+        start, cpu = time.perf_counter(), time.process_time()
         sk = LogisticRegression(C=C, max_iter=1000).fit(x_train, y_train)
-        sk_s = time.perf_counter() - start
+        sk_s, sk_cpu = time.perf_counter() - start, time.process_time() - cpu
         rows.append({
             "C": C,
             "ours": accuracy(head.predict(x_held), y_held),
             "sklearn": float(sk.score(x_held, y_held)),
             "ours_s": ours_s,
+            "ours_cpu_s": ours_cpu,
             "sklearn_s": sk_s,
+            "sklearn_cpu_s": sk_cpu,
             "iterations": head.iterations,
             "max_prob_diff": float(np.abs(head.probabilities(x_held) - sk.predict_proba(x_held)).max()),
         })  # fmt: skip
@@ -134,18 +141,22 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for (name, curve), color in zip(curves.items(), ("tab:blue", "tab:orange"), strict=False):
+    colors = {"polarity": "tab:blue", "bbc": "tab:orange"}
+    for name, curve in curves.items():
+        color = colors[name.split()[0]]
+        style = "-" if name.endswith("C=1") else "--"
         shots = sorted(curve)
         mean = np.array([curve[n][0] for n in shots]) * 100
         sd = np.array([curve[n][1] for n in shots]) * 100
-        ax.errorbar(shots, mean, yerr=sd, marker="o", capsize=3, color=color, label=name)
+        ax.errorbar(shots, mean, yerr=sd, marker="o", capsize=3, color=color, linestyle=style,
+                    label=name)  # fmt: skip
         ax.axhline(full[name] * 100, color=color, linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(SHOTS, [str(n) for n in SHOTS])
     ax.set_xlabel("training examples per label")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("MiniLM + NumPy logistic-regression head (10 draws, mean ± sd)\n"
-                 "dotted: all training examples", fontsize=10)  # fmt: skip
+                 "dotted: all training examples (C=1 and C=100)", fontsize=10)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -159,12 +170,20 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(".cache/bench-train"))
     parser.add_argument("--plot", type=Path, default=Path("docs/few-shot.png"))
     parser.add_argument("--json", type=Path, default=Path(".cache/bench-train/results.json"))
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
+    parser.add_argument(
+        "--few-shot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the few-shot curve and its plot (on the first bundle)",
+    )
     args = parser.parse_args()
     results: dict = {"bundles": {}}
     curves, full = {}, {}
     for b, bundle in enumerate(args.bundles):
         per_bundle = results["bundles"][str(bundle)] = {}
-        for dataset, reader in DATASETS.items():
+        for dataset in args.datasets:
+            reader = DATASETS[dataset]
             y = [label for _, label in reader(args.assets)]
             x, seconds = embeddings(bundle, dataset, args.assets, args.cache)
             train, held = stratified_split(y, 0.2, seed=0)
@@ -181,12 +200,14 @@ def main() -> int:
                 "chosen_C": best,
                 "parity": rows,
             }
-            if b == 0:  # the few-shot curve on the first (fp32) bundle
-                entry["few_shot"] = few_shot(x, y, train, held, best)
-                curves[f"{dataset} ({len(set(y))} labels, C={best:g})"] = entry["few_shot"]
-                full[f"{dataset} ({len(set(y))} labels, C={best:g})"] = next(
-                    r["ours"] for r in rows if r["C"] == best
-                )
+            if b == 0 and args.few_shot:  # few-shot curves on the first (fp32) bundle
+                entry["few_shot"] = {}
+                for C in FEW_SHOT_CS:
+                    curve = few_shot(x, y, train, held, C)
+                    entry["few_shot"][C] = curve
+                    name = f"{dataset} ({len(set(y))} labels), C={C:g}"
+                    curves[name] = curve
+                    full[name] = next(r["ours"] for r in rows if r["C"] == C)
             per_bundle[dataset] = entry
             print(json.dumps({str(bundle): {dataset: entry}}, indent=1, default=str))
     if curves:
