@@ -561,3 +561,41 @@ def test_wrap_the_real_grammar_tagger(tmp_path: Path) -> None:
         ("$REPLACE_your", "you"),
     ]
     assert tagger(GRAMMAR_TEXTS[2], ignore_labels=["$KEEP"]) == []
+
+
+def test_a_graph_of_the_wrong_shape_is_refused_at_load(
+    encoder_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """A text classifier's [batch, labels] graph declared as a token classifier."""
+    import shutil
+
+    bundle = shutil.copytree(encoder_bundles["clf"], tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["task"] = "token-classification"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"needs an output \[batch, seq, labels\]"):
+        edge_slm.load(bundle)
+    del manifest["labels"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="token-classification bundle needs 'labels'"):
+        edge_slm.load(bundle)
+
+
+def test_tagging_needs_no_build_stage(bundles: dict[str, Path], pipelines: dict[str, Any]) -> None:
+    """The TokenClassifier with torch, transformers and the build stage unimportable, in a
+    fresh interpreter, gives the pipeline's entities."""
+    from isolation import report_of, run_blocked
+
+    blocked = ("torch", "transformers", "optimum", "edge_slm_export", "edge_slm_quantize")
+    snippet = (
+        "import edge_slm\n"
+        "ner = edge_slm.load(BUNDLE)\n"
+        "REPORT['entities'] = [e.to_dict() for e in ner(TEXT, aggregation='first')]\n"
+    )
+    out = run_blocked(
+        snippet, blocked, cwd=bundles["roberta"], BUNDLE=str(bundles["roberta"]), TEXT=TEXTS[0]
+    )
+    report = report_of(out)
+    assert report["heavy"] == []
+    expected = _reference(pipelines["roberta"], TEXTS[0], aggregation_strategy="first")
+    assert_same_entities(expected, report["entities"])
