@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from test_batch_cli import batch, good_rows, read_jsonl, texts, write_jsonl
 
 import edge_slm
-from edge_slm.scale.tasks import RowScorer, TaskSpec
+from edge_slm.scale.tasks import TaskSpec
 
 pytestmark = pytest.mark.ray
 
@@ -61,6 +63,32 @@ def task_bundles(
     }
 
 
+def runtime_row(model: Any, spec: TaskSpec, text: str) -> dict[str, Any]:
+    """What the public runtime API gives for one text, as the transform's fields."""
+    if spec.task == "classify":
+        result = model.classify(text, top_k=spec.top_k).to_dict()
+    elif spec.task == "embed":
+        result = {"embedding": model.embed(text).tolist()}
+    elif spec.task == "ner":
+        result = model.classify(text, aggregation=spec.aggregation).to_dict()
+    else:
+        if spec.task == "chat":
+            messages = [
+                {"role": "system", "content": spec.system},
+                {"role": "user", "content": text},
+            ]
+            generated = model.chat(messages, **spec.generation)
+        else:
+            generated = model.generate(text, **spec.generation)
+        result = {
+            "generated_text": generated.text,
+            "finish_reason": generated.finish_reason.value,
+            "prompt_tokens": len(generated.prompt_token_ids),
+            "generated_tokens": len(generated.token_ids),
+        }
+    return {**result, "error": None}
+
+
 def same(got: dict[str, Any], want: dict[str, Any]) -> None:
     """Equal, floats to float32 rounding (batches of other lengths pad differently)."""
     assert got.keys() == want.keys()
@@ -96,15 +124,10 @@ def test_transform_equals_the_runtime_row_for_row(
     assert [r["id"] for r in out] == list(range(24))  # order and ids kept
     assert [r["text"] for r in out] == [r["text"] for r in rows]
     assert out[5]["error"] == "row with id 5: the text must be a string, got NoneType None"
-    scorer = RowScorer(bundle, spec)  # the single-process runtime, one row at a time
+    model = edge_slm.load(bundle)  # the single-process runtime, one row at a time
     for row, source in zip(out, rows, strict=True):
-        if source["text"] is None:
-            continue
-        (want,) = scorer.score([source["text"]])
-        same({k: row[k] for k in spec.fields}, want)
-    if task == "classify":  # and RowScorer is the runtime itself
-        model = edge_slm.load(bundle)
-        assert out[0]["labels"] == list(model.classify(rows[0]["text"], top_k=2).labels)
+        if source["text"] is not None:
+            same({k: row[k] for k in spec.fields}, runtime_row(model, spec, source["text"]))
 
 
 def test_cli_on_ray_writes_what_the_local_path_writes(
@@ -195,3 +218,21 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_repeated(
             want.text,
             want.finish_reason.value,
         )
+
+
+def test_cli_uploads_the_bundle_with_the_job(
+    cluster: str, encoder_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """A new driver (a subprocess, exit status checked) joins the session's cluster and
+    sends the bundle with its job: the actors load it from their working directory
+    (had the upload not happened, '.' there is no bundle and every row would fail)."""
+    source = write_jsonl(tmp_path / "in.jsonl", good_rows(12))
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "edge_slm.cli.main", "batch", str(encoder_bundles["clf"])]
+    command += [str(source), str(out), "--ray", cluster, "--workers", "1", "--upload-bundle"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    model = edge_slm.load(encoder_bundles["clf"])
+    got = read_jsonl(out)
+    assert [r["label"] for r in got] == [c.label for c in model.classify(texts(12))]
+    assert all(r["error"] is None for r in got)

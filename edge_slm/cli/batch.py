@@ -81,13 +81,20 @@ def add_batch_parser(sub: Any) -> argparse.ArgumentParser:
         "--workers",
         type=int,
         metavar="N",
-        help="Ray actors, each loading the bundle once (without --ray: a local cluster)",
+        help="Ray actors, each loading the bundle once (without --ray: a local cluster of "
+        "N x --cpus-per-worker CPUs; with --ray, default: the cluster's CPUs / --cpus-per-worker)",
     )
     ray.add_argument(
         "--ray",
         metavar="ADDRESS",
         help="run on the Ray cluster at ADDRESS ('auto', HOST:PORT or ray://HOST:PORT); "
         "BUNDLE must be readable at the same path on its nodes",
+    )
+    ray.add_argument(
+        "--upload-bundle",
+        action="store_true",
+        help="send BUNDLE with the job (Ray's runtime_env working_dir, at most 512 MiB) "
+        "instead of reading it at the same path on every node",
     )
     ray.add_argument(
         "--cpus-per-worker",
@@ -167,18 +174,20 @@ def _spec(args: argparse.Namespace) -> TaskSpec:
 
 def _engine(args: argparse.Namespace, spec: TaskSpec) -> Engine:
     if args.workers is None and args.ray is None:
+        if args.upload_bundle:
+            raise InvalidArgumentError("--upload-bundle needs --ray ADDRESS or --workers N")
         return local_engine(RowScorer(args.bundle, spec, threads=args.threads))
     if args.threads is not None:
         raise InvalidArgumentError("--threads is for runs without Ray; use --cpus-per-worker")
     from edge_slm.scale.ray_data import ray_engine  # needs the ray extra
 
-    workers = args.workers if args.workers is not None else 1
     return ray_engine(
         args.bundle.resolve(),
         spec,
-        workers=workers,
+        workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
         address=args.ray,
+        upload_bundle=args.upload_bundle,
     )
 
 

@@ -5,7 +5,8 @@ rows ``k * block_size`` to ``(k + 1) * block_size - 1``). Each finished block is
 written as JSON lines to ``OUTPUT.parts/block-<k>-<digest>.jsonl`` (written to a
 temporary name, synced, then renamed: a block file is there whole or not at all),
 where the digest is the sha256 of the block's input rows. ``OUTPUT.parts/job.json``
-records the job's settings (bundle, task, columns, block size).
+records the job's settings (bundle, task and options but the batch size, columns,
+block size).
 
 Run again after an interruption (Ctrl-C, a kill, a lost machine), the job skips every
 block whose file exists for the same input rows and computes only the rest; a block
@@ -155,7 +156,8 @@ class BlockJob:
         settings = {
             "format": JOB_FORMAT,
             "bundle_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-            "task": spec.to_dict(),
+            # batch_size only groups rows for the graph: a resumed job may change it
+            "task": {k: v for k, v in spec.to_dict().items() if k != "batch_size"},
             "text_column": text_column,
             "id_column": id_column,
             "block_size": block_size,

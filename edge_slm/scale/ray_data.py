@@ -230,20 +230,31 @@ def _pool(workers: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(size=workers)
 
 
-def connect(address: str | None, workers: int, cpus_per_worker: int) -> None:
+def connect(
+    address: str | None, workers: int, cpus_per_worker: int, upload: Path | None = None
+) -> None:
     """Join the cluster at ``address``, or start a local one sized for the workers.
 
     A local cluster gets ``workers * cpus_per_worker`` CPUs (as Ray's testing guide
-    advises: ``ray.init(num_cpus=...)``, never the machine's count). Does nothing when
-    this process is already connected.
+    advises: ``ray.init(num_cpus=...)``, never the machine's count). ``upload``: a
+    folder sent with the job (Ray's ``runtime_env`` ``working_dir``, zipped, at most
+    512 MiB): every worker starts in its own copy. Does nothing when this process is
+    already connected (then ``upload`` is refused: a job's files are fixed at connect).
     """
     if ray.is_initialized():
+        if upload is not None:
+            raise InvalidArgumentError(
+                "cannot upload the bundle: this process is already connected to Ray; pass "
+                "runtime_env={'working_dir': BUNDLE} to ray.init and the bundle as '.'"
+            )
         return
     settings: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": logging.WARNING,
         "log_to_driver": False,
     }
+    if upload is not None:
+        settings["runtime_env"] = {"working_dir": str(upload)}
     if address is None:
         ray.init(num_cpus=workers * cpus_per_worker, **settings)
     else:
@@ -254,30 +265,42 @@ def ray_engine(
     bundle: Path,
     spec: TaskSpec,
     *,
-    workers: int,
+    workers: int | None,
     cpus_per_worker: int = 1,
     address: str | None = None,
+    upload_bundle: bool = False,
 ) -> Engine:
     """An engine (:mod:`edge_slm.scale.blocks`) running the blocks on Ray Data.
+
+    ``workers`` actors of ``cpus_per_worker`` CPUs each; None (with an ``address``):
+    as many as the cluster's CPUs hold.
 
     The driver reads the blocks and sends them in waves of
     ``WAVE_BLOCKS_PER_WORKER * workers`` blocks: each wave is one Ray Data run (one
     Ray block per job block, scored by ``workers`` actors) whose results come back in
     order. Every result is checked against the row it belongs to, so a lost or
-    duplicated row stops the job instead of shifting the output.
+    duplicated row stops the job instead of shifting the output. With
+    ``upload_bundle`` the bundle travels with the job (see :func:`connect`) and each
+    actor loads its own copy; otherwise ``bundle`` must be readable at the same path on
+    every node.
     """
-    for name, value in (("workers", workers), ("cpus_per_worker", cpus_per_worker)):
+    for name, value in (("workers", workers or 1), ("cpus_per_worker", cpus_per_worker)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+    if workers is None and address is None:
+        raise InvalidArgumentError("give workers, or the address of a cluster to fill")
 
     def run(works: Iterator[Work]) -> Iterator[list[dict[str, Any]]]:
-        connect(address, workers, cpus_per_worker)
+        connect(address, workers or 1, cpus_per_worker, bundle if upload_bundle else None)
+        actors = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_worker)
+        # an uploaded bundle is each worker's working directory
+        where = Path(".") if upload_bundle else bundle
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress, not Ray's
-        while wave := list(islice(works, WAVE_BLOCKS_PER_WORKER * workers)):
-            yield from _run_wave(wave, bundle, spec, workers, cpus_per_worker)
+        while wave := list(islice(works, WAVE_BLOCKS_PER_WORKER * actors)):
+            yield from _run_wave(wave, where, spec, actors, cpus_per_worker)
 
     return run
 
