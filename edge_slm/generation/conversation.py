@@ -44,7 +44,7 @@ from edge_slm.generation.results import (
     TokenStep,
     assemble_result,
 )
-from edge_slm.generation.tools import Tool, ToolUse
+from edge_slm.generation.tools import Tool, ToolUse, check_no_tool_messages
 from edge_slm.text.inputs import check_token_ids
 
 if TYPE_CHECKING:
@@ -204,9 +204,10 @@ class Conversation:
         return self.model.decode_config(built)
 
     def _chat_ids(self, messages: Sequence[Mapping[str, Any]], use: ToolUse | None) -> list[int]:
-        if use is None:
-            return self.model.chat_ids(messages)
-        return use.prompt_ids(self.model, messages)
+        if use is not None:
+            return use.prompt_ids(self.model, messages)
+        check_no_tool_messages(messages)
+        return self.model.chat_ids(messages)
 
     def _chunks(
         self,

@@ -60,6 +60,7 @@ __all__ = [
     "Tool",
     "ToolCall",
     "ToolUse",
+    "check_no_tool_messages",
     "parse_tool_calls",
     "parse_tools",
     "template_messages",
@@ -306,6 +307,19 @@ def tool_messages(
             raise InvalidArgumentError("messages need a user message to describe the tools in")
         first["content"] = f"{prompt}\n\n{first['content']}"
     return out
+
+
+def check_no_tool_messages(messages: Iterable[object]) -> None:
+    """Refuse tool calls and tool results in a chat without tools: they render only in
+    the tool format of the tools they came from (InvalidArgumentError saying so)."""
+    for i, message in enumerate(messages):
+        if isinstance(message, Mapping) and (
+            message.get("role") == "tool" or message.get("tool_calls")
+        ):
+            raise InvalidArgumentError(
+                f"messages[{i}] is a tool call or a tool result: pass the tools "
+                "(tools=...) the conversation uses"
+            )
 
 
 def template_tools(tools: object, parsed: Sequence[Tool]) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import Any
 from edge_slm.encoders.entities import AGGREGATIONS
 from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation.constraints import Constraint, Grammar, JsonSchema, Regex
-from edge_slm.generation.tools import parse_tools, tool_constraint
+from edge_slm.generation.tools import check_no_tool_messages, parse_tools, tool_constraint
 from edge_slm.server.errors import ApiError, bad_request
 
 IGNORED = frozenset(
@@ -458,6 +458,11 @@ def parse_completion(
                 "response_format",
             )
         messages = tuple(_messages(body))
+        if not tools:
+            try:
+                check_no_tool_messages(messages)
+            except InvalidArgumentError as error:
+                raise bad_request(str(error), "messages") from None
         jobs = tuple(Job(i, i, messages=messages) for i in range(n))
     else:
         prompts = _prompts(body)
