@@ -113,12 +113,20 @@ runtime-check: demo
 	  pid=$$!; $(CURDIR)/$(PY) $(CURDIR)/examples/openai_client.py --base-url http://127.0.0.1:8391/v1 --expect Paris; \
 	  status=$$?; kill $$pid; wait $$pid; exit $$status; }
 
-# Speed, memory and perplexity side by side with onnxruntime-genai and transformers
-# (measuring: 9 minutes on 2 cores, plus set-up the first time): builds the missing bundles and sets up the peers itself
-# (benchmarks/peers.py: genai's venv and int4 model under .cache/peers/); writes
-# docs/performance.md and docs/performance.png.
+# Speed, memory and perplexity side by side with onnxruntime-genai, llama.cpp (llama-cpp-python
+# on the GGUF) and transformers, every engine measured the same way (a fresh process per
+# engine and round, decode rate by differencing a 130- and a 2-token run): builds the missing
+# bundles and sets up the peers itself (benchmarks/peers.py: genai's venv and int4 model and
+# llama-cpp-python under .cache/peers/); writes docs/performance.md and docs/performance.png.
+# Not yet timed with this method on a quiet machine (the old one took 9 minutes).
 bench: setup $(ASSETS)/.smollm2
 	$(PY) benchmarks/bench_decode.py
+
+# The same method as a smoke run (2 rounds, 34 tokens, no torch, no perplexity): the demo's
+# two 4-bit bundles, genai and llama.cpp; prints the table only (4 minutes under heavy load).
+.PHONY: bench-quick
+bench-quick: setup $(ASSETS)/.smollm2
+	$(PY) benchmarks/bench_decode.py --quick
 
 # Concurrent clients (1, 2, 4, 8 streamed chat requests of 128 tokens) against
 # `edge-slm serve` and llama.cpp's servers on the same GGUF, 3 interleaved rounds of fresh

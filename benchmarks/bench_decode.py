@@ -1,20 +1,27 @@
-"""SmolLM2-135M-Instruct: our graphs and quantizations vs onnxruntime-genai and torch, side by side.
+"""SmolLM2-135M-Instruct: our graphs and quantizations vs onnxruntime-genai, llama.cpp and torch.
 
 Usage: ``make bench`` on a fresh clone (venv, assets, then this script), or from the
 repository root with the build and dev extras installed:
 
-    .venv/bin/python benchmarks/bench_decode.py [--rounds 3] [--threads 2]
-        [--genai-python PYTHON --genai-model DIR | --no-genai] [--no-torch]
+    .venv/bin/python benchmarks/bench_decode.py [--rounds 3] [--threads 2] [--quick]
+        [--genai-python PYTHON --genai-model DIR | --no-genai] [--no-llama] [--no-torch]
+    .venv/bin/python benchmarks/bench_decode.py --profile BUNDLE   # where a step's time goes
 
-Each engine runs in a fresh process per round (honest load time and peak memory), the
-engines interleaved round after round so that a busy machine slows them alike; the
-table holds medians. Two runs per engine and round: a 32-token prompt + 64 greedy
-tokens (decode speed), and a 512-token prompt + 1 token (prefill speed). Rows:
-optimum's plain graph in fp32 and int8, the fused graph in fp32, int8 and the registry's
-4-bit variants (``int4-rtn``, ``int4-rtn-shared``, ``int4-rtn-emb8``, ``int4-search``, ``gguf``: the
-GGUF's own blocks, ``gguf-head4``), genai's int4 model run by its own loop, transformers
-``generate`` on torch fp32 and, as a second torch reference, a hand-written greedy loop
-over the same model with its KV cache.
+One method for every engine (``CHILD_COMMON``): each engine runs in its own fresh process
+per round, the engines interleaved (each round starting with another one) so that a busy
+machine slows them alike. Every process gets the same prompt ids, loads (start-up,
+timed), warms up, then runs greedy generations from an empty cache of 2 and 130 new
+tokens (end-of-text never stops them) and a 512-token prompt + 1 token. Decode rate =
+(tokens(130) - tokens(2)) / (t(130) - t(2)): prefill, the first token and every per-call
+cost cancel. The table holds medians and per-round ratios. Rows: optimum's plain graph
+in fp32 and int8, the fused graph in fp32, int8 and the registry's 4-bit variants
+(``int4-rtn``, ``int4-rtn-shared``, ``int4-rtn-emb8``, ``int4-search``, ``gguf``: the
+GGUF's own blocks, ``gguf-head4``), each through the library's own loop
+(``generate_tokens``); genai's int4 model by its own loop; llama.cpp
+(llama-cpp-python's ``Llama.generate``) on the GGUF the bundles come from; transformers
+``generate`` on torch fp32 and a hand-written greedy loop over the same model.
+``--quick`` measures the demo's two 4-bit bundles, genai and llama.cpp in 2 rounds of
+shorter runs and only prints the table.
 
 The torch rows run with the same thread rule as our engine (``edge_slm.engine.session``): all
 ``--threads``, and when the load average already fills the CPUs, idle OpenMP workers
@@ -28,12 +35,13 @@ Everything missing is built first, offline but for pip: our bundles (export from
 GGUF, then ``quantize_bundle``), and the peers (``benchmarks/peers.py``): the GGUF
 de-quantized for torch (``bundles/smollm2-hf``), and onnxruntime-genai in its own venv
 (``.cache/peers/genai-venv``: its builder needs transformers 5) with its int4 model built
-from that folder (``.cache/peers/genai-smollm2-int4``). ``--genai-python/--genai-model``
+from that folder (``.cache/peers/genai-smollm2-int4``), and llama-cpp-python in
+``.cache/peers/llama-venv`` (compiled by pip). ``--genai-python/--genai-model``
 use another genai instead, ``--no-genai`` skips it. Perplexity per variant (War of the
 Worlds, 4,096 tokens, 512-token windows) is measured once and cached in
 ``bundles/perplexity.json`` keyed by the model's sha256.
-Writes the table to ``docs/performance.md`` and a size / perplexity / tokens-per-second
-plot to ``docs/performance.png``.
+Writes the table and the goals to ``docs/performance.md`` (the hand-written sections are
+kept) and a size / perplexity / tokens-per-second plot to ``docs/performance.png``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import peers  # benchmarks/peers.py: torch's HF folder, genai's venv and model
 from peers import GGUF, HF_DIR, ROOT
 
@@ -75,81 +84,159 @@ VARIANTS = {
 }
 EIGHT_BIT = ("optimum int8", "fused int8")  # row -> its fp32 source below
 FP32_OF = {"optimum int8": "optimum fp32", "fused int8": "fused fp32"}
+# the demo's SmolLM2 bundles (`make demo`): the --quick rows
+QUICK_ENGINES = {
+    "fused gguf-head4 (demo int4)": BUNDLES / "smollm2-135m-instruct-int4",
+    "fused int4-search (demo int4-small)": BUNDLES / "smollm2-135m-instruct-int4-small",
+}
+SMOLLM2_REFERENCE = BUNDLES / "smollm2-135m-instruct-int4"  # its manifest and tokenizer
+TOKENIZER = SMOLLM2_REFERENCE / "tokenizer.json"
 GENAI = "onnxruntime-genai int4"
 TORCH = "transformers fp32 (torch)"
 TORCH_LOOP = "torch fp32 KV loop (hand-written)"
 
-TORCH_SCRIPT = r"""
-import json, os, sys, time
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-hf_dir, prompt_tokens, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-threads, mode = int(sys.argv[4]), sys.argv[5]
-torch.set_num_threads(threads)
-start = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-load_s = time.perf_counter() - start
-text = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the "
-        "steps and listening to the sea below, while the ships passed far out in the dark. ")
-ids = tokenizer(text)["input_ids"]
-ids = torch.tensor([(ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]])
-mask = torch.ones_like(ids)
-def generate(steps):
-    # the standard call: greedy, the model's own cache (DynamicCache, sdpa attention);
-    # min_new_tokens only keeps an early EOS from shortening the run
-    model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-                   do_sample=False, pad_token_id=tokenizer.eos_token_id)
-def loop(steps):
-    out = model(ids, attention_mask=mask, use_cache=True)
-    for _ in range(steps - 1):
-        token = out.logits[:, -1:].argmax(-1)
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
-def run(steps):
-    begin = time.perf_counter()
-    with torch.inference_mode():
-        (generate if mode == "generate" else loop)(steps)
-    return time.perf_counter() - begin
-run(2)
-first = run(1)
-total = run(new_tokens + 1) if new_tokens > 1 else first
-peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"load_s": load_s, "time_to_first_token_s": first,
-                  "decode_tokens_per_s": new_tokens / max(total - first, 1e-9),
-                  "peak_rss_bytes": peak, "threads": torch.get_num_threads(),
-                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}))
+LLAMA = "llama.cpp Q4_1 GGUF (llama-cpp-python)"
+
+# Every engine's child process gets the same prompt ids (our tokenizer; genai, llama.cpp
+# and torch share SmolLM2's vocabulary) and runs the same schedule: load (timed: start-up),
+# one untimed warm-up, then greedy runs from an empty cache of SHORT and LONG new tokens
+# (end-of-text never stops them) and one of a PREFILL-token prompt + 1 token. Decode rate
+# = (tokens(LONG) - tokens(SHORT)) / (t(LONG) - t(SHORT)): the prompt, the first token and
+# every per-call cost cancel out. Prints one JSON line.
+CHILD_COMMON = r"""
+import json, sys, time
+spec = json.loads(sys.argv[1])
+ids, prefill_ids = spec["ids"], spec["prefill_ids"]
+short, long_ = spec["short"], spec["long"]
+def peak():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+def measure(run, load_s, **extra):
+    run(short, ids)  # warm-up
+    t_short, n_short, first = run(short, ids)
+    t_long, n_long, _ = run(long_, ids)
+    t_prefill = run(1, prefill_ids)[0]
+    print(json.dumps({"load_s": load_s, "time_to_first_token_s": first,
+        "t_short": t_short, "t_long": t_long, "n_short": n_short, "n_long": n_long,
+        "decode_tokens_per_s": (n_long - n_short) / (t_long - t_short),
+        "prefill_s": t_prefill, "peak_rss_bytes": peak(), **extra}))
 """
 
-GENAI_SCRIPT = r"""
-import json, resource, sys, time
+EDGE_SCRIPT = (
+    CHILD_COMMON
+    + r"""
+import edge_slm
+begin = time.perf_counter()
+model = edge_slm.load(spec["model"], threads=spec["threads"])
+load_s = time.perf_counter() - begin
+ban = {t: float("-inf") for t in model.manifest.special_tokens.eos_token_ids}
+def run(n, prompt):
+    # the library's own loop: sampler, processors (the EOS ban), detokenizer-free layer 1
+    begin, count, first = time.perf_counter(), 0, None
+    for _ in model.generate_tokens(prompt, max_new_tokens=n, temperature=0.0, logit_bias=ban):
+        count += 1
+        first = first or time.perf_counter() - begin
+    return time.perf_counter() - begin, count, first
+measure(run, load_s, session=model.decoder.session_source)
+"""
+)
+
+GENAI_SCRIPT = (
+    CHILD_COMMON
+    + r"""
 import numpy as np
 import onnxruntime_genai as og
-model_dir, prompt_tokens, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-start = time.perf_counter()
-model = og.Model(model_dir)
-tokenizer = og.Tokenizer(model)
-load_s = time.perf_counter() - start
-text = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the "
-        "steps and listening to the sea below, while the ships passed far out in the dark. ")
-ids = list(tokenizer.encode(text))
-ids = (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
-def run(steps):
+begin = time.perf_counter()
+model = og.Model(spec["model"])
+load_s = time.perf_counter() - begin
+def run(n, prompt):
+    begin, count, first = time.perf_counter(), 0, None
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=prompt_tokens + steps + 1, do_sample=False)
+    total = len(prompt) + n
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
     gen = og.Generator(model, params)
-    begin = time.perf_counter()
+    gen.append_tokens(np.asarray(prompt, dtype=np.int32))
+    while count < n:
+        gen.generate_next_token()
+        count += 1
+        first = first or time.perf_counter() - begin
+    return time.perf_counter() - begin, count, first
+def old_method(n):
+    # the method of the table before 2026-11-29: n / (time of the n steps after the
+    # first token), one run of n after one warm-up of 4 tokens
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n + 1, do_sample=False)
+    gen = og.Generator(model, params)
     gen.append_tokens(np.asarray(ids, dtype=np.int32))
     gen.generate_next_token()
-    first = time.perf_counter()
-    for _ in range(steps):
+    begin = time.perf_counter()
+    for _ in range(n):
         gen.generate_next_token()
-    return first - begin, time.perf_counter() - first
-run(4)
-ttft, decode = run(new_tokens)
-peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"load_s": load_s, "time_to_first_token_s": ttft,
-                  "decode_tokens_per_s": new_tokens / decode, "peak_rss_bytes": peak}))
+    return n / (time.perf_counter() - begin)
+measure(run, load_s, old_method_tokens_per_s=old_method(64))
 """
+)
+
+LLAMA_SCRIPT = (
+    CHILD_COMMON
+    + r"""
+from llama_cpp import Llama
+begin = time.perf_counter()
+llm = Llama(model_path=spec["model"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
+            n_ctx=1024, n_batch=512, verbose=False)
+load_s = time.perf_counter() - begin
+def run(n, prompt):
+    llm.reset()  # an empty cache: no reuse of the previous run's prompt
+    begin, count, first = time.perf_counter(), 0, None
+    for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        count += 1
+        first = first or time.perf_counter() - begin
+        if count >= n:
+            break
+    return time.perf_counter() - begin, count, first
+measure(run, load_s)
+"""
+)
+
+TORCH_SCRIPT = (
+    CHILD_COMMON
+    + r"""
+import torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(spec["threads"])
+begin = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+load_s = time.perf_counter() - begin
+def run(n, prompt):
+    x = torch.tensor([prompt])
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        if spec["mode"] == "generate":
+            # the standard call: greedy, the model's own cache; min_new_tokens keeps an
+            # early EOS from shortening the run
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+        else:  # the hand-written greedy loop over the same model and its KV cache
+            out = model(x, use_cache=True)
+            for _ in range(n - 1):
+                token = out.logits[:, -1:].argmax(-1)
+                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+    elapsed = time.perf_counter() - begin
+    return elapsed, n, elapsed if n == 1 else None
+def first_token():
+    return run(1, ids)[0]
+run(short, ids)
+t1 = first_token()
+t_short, n_short, _ = run(short, ids)
+t_long, n_long, _ = run(long_, ids)
+t_prefill = run(1, prefill_ids)[0]
+import os
+print(json.dumps({"load_s": load_s, "time_to_first_token_s": t1, "t_short": t_short,
+    "t_long": t_long, "n_short": n_short, "n_long": n_long,
+    "decode_tokens_per_s": (n_long - n_short) / (t_long - t_short), "prefill_s": t_prefill,
+    "peak_rss_bytes": peak(), "threads": torch.get_num_threads(),
+    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}))
+"""
+)
 
 
 def _built(folder: Path, layout: str | None = None) -> bool:
@@ -223,23 +310,6 @@ def perplexities(engines: dict[str, Path]) -> dict[str, float]:
     return found
 
 
-def run_edge(
-    bundle: Path, args: argparse.Namespace, prompt: int, new: int, cache: bool = True
-) -> dict[str, float]:
-    """One ``edge-slm bench`` process; its JSON result. ``cache=False``: a cold load
-    (no prepared-session cache: graph optimization and weight pre-packing at load)."""
-    command = [
-        sys.executable, "-m", "edge_slm", "bench", str(bundle), "--json", "--repeats", "1",
-        "--prompt-tokens", str(prompt), "--new-tokens", str(new),
-    ]  # fmt: skip
-    if not cache:
-        command.append("--no-cache")
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
 def torch_env(args: argparse.Namespace) -> dict[str, str]:
     """The torch child's environment: our thread rule, nothing inherited that changes it.
 
@@ -297,29 +367,140 @@ def genai_perplexity(model_dir: Path, reference_bundle: Path) -> float:
     return cache[key]
 
 
-def run_torch(args: argparse.Namespace, prompt: int, new: int, mode: str) -> dict[str, float]:
-    """One torch fp32 process: transformers ``generate`` or the hand-written KV loop."""
-    command = [
-        sys.executable, "-c", TORCH_SCRIPT, str(HF_DIR), str(prompt), str(new),
-        str(args.threads), mode,
-    ]  # fmt: skip
+def prompt_ids(count: int) -> list[int]:
+    """``count`` ids of a fixed English text repeated (SmolLM2's tokenizer, no BOS)."""
+    from tokenizers import Tokenizer
+
+    from edge_slm.cli.bench import _TEXT
+
+    tokenizer = Tokenizer.from_file(str(TOKENIZER))
+    ids = tokenizer.encode(_TEXT, add_special_tokens=False).ids
+    return (ids * (count // len(ids) + 1))[:count]
+
+
+def run_child(
+    python: str, script: str, spec: dict[str, Any], env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One fresh process running ``script`` with ``spec``; its JSON result."""
     out = subprocess.run(
-        command, check=True, capture_output=True, text=True, cwd=ROOT, env=torch_env(args)
+        [python, "-c", script, json.dumps(spec)],
+        check=True, capture_output=True, text=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def run_engine(name: str, engines: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement of engine ``name`` in its own process (see CHILD_COMMON)."""
+    spec: dict[str, Any] = {
+        "ids": prompt_ids(args.prompt_tokens),
+        "prefill_ids": prompt_ids(args.prefill_tokens),
+        "short": args.short_tokens,
+        "long": args.new_tokens,
+        "threads": args.threads,
+    }
+    env = None
+    if name == GENAI:
+        python, script, spec["model"] = args.genai_python, GENAI_SCRIPT, args.genai_model
+    elif name == LLAMA:
+        python, script, spec["model"] = args.llama_python, LLAMA_SCRIPT, str(GGUF)
+    elif name in (TORCH, TORCH_LOOP):
+        python, script, spec["model"] = sys.executable, TORCH_SCRIPT, str(HF_DIR)
+        spec["mode"] = "generate" if name == TORCH else "loop"
+        env = torch_env(args)
+    else:
+        python, script, spec["model"] = sys.executable, EDGE_SCRIPT, str(engines[name])
+    result = run_child(python, script, spec, env)
+    result["model_bytes"], result["bytes_per_token"] = engine_bytes(name, engines, args)
+    return result
+
+
+def _onnx_bytes_per_token(model: Path) -> int:
+    """Bytes of weights one decode step of an ONNX decoder reads.
+
+    Every initializer counts whole, but a table only looked up (every consumer a Gather
+    or GatherBlockQuantized: the embedding) counts one row, unless the lm_head reads it
+    too (a tied, shared table), when it counts whole once.
+    """
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    consumers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in graph.initializer:
+        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        size = int(np.prod(init.dims, dtype=np.int64)) * item
+        if consumers.get(init.name, set()) <= {"Gather", "GatherBlockQuantized"} and init.dims:
+            size //= int(init.dims[0])  # one row of a looked-up table
+        total += size
+    return total
+
+
+def _gguf_bytes_per_token(path: Path) -> int:
+    """Bytes of the GGUF's tensors one decode step reads (the token table counts one row
+    unless it is also the output matrix, as in SmolLM2's tied one)."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    total = 0
+    for name, tensor in tensors.items():
+        size = int(tensor.n_bytes)
+        if name == "token_embd.weight" and "output.weight" in tensors:
+            size //= int(max(tensor.shape))
+        total += size
+    return total
+
+
+def engine_bytes(name: str, engines: dict[str, Path], args: argparse.Namespace) -> tuple[int, int]:
+    """(model file bytes, bytes one decode step reads: weights as above + the KV cache
+    at the middle of the long run, float32 K and V, float16 for llama.cpp)."""
+    from edge_slm.bundle import read_manifest
+    from edge_slm.engine.device import kv_bytes_per_token
+
+    manifest, _ = read_manifest(SMOLLM2_REFERENCE)
+    positions = args.prompt_tokens + args.new_tokens // 2
+    kv = kv_bytes_per_token(manifest) * positions
+    if name == GENAI:
+        folder = Path(args.genai_model)
+        return sum(p.stat().st_size for p in folder.glob("*.onnx*")), kv + _onnx_bytes_per_token(
+            folder / "model.onnx"
+        )
+    if name == LLAMA:
+        return GGUF.stat().st_size, kv // 2 + _gguf_bytes_per_token(GGUF)
+    if name in (TORCH, TORCH_LOOP):
+        size = sum(p.stat().st_size for p in HF_DIR.glob("*.safetensors"))
+        return size, 0  # not compared with the bound
+    folder = engines[name]
+    onnx_files = [p for p in folder.iterdir() if p.name.startswith("model.onnx")]
+    return sum(p.stat().st_size for p in onnx_files), kv + _onnx_bytes_per_token(
+        folder / "model.onnx"
     )
-    result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
-    result["model_bytes"] = sum(p.stat().st_size for p in HF_DIR.glob("*.safetensors"))
-    return result
 
 
-def run_genai(args: argparse.Namespace, prompt: int, new: int) -> dict[str, float]:
-    """One onnxruntime-genai process (its own loop and graph)."""
-    command = [
-        args.genai_python, "-c", GENAI_SCRIPT, args.genai_model, str(prompt), str(new),
-    ]  # fmt: skip
-    out = subprocess.run(command, check=True, capture_output=True, text=True)
-    result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
-    result["model_bytes"] = sum(p.stat().st_size for p in Path(args.genai_model).glob("*.onnx*"))
-    return result
+def read_bandwidth(threads: int, size_bytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Best bytes/s ``threads`` threads read summing large arrays (numpy releases the GIL)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunk = size_bytes // threads // 8
+    arrays = [np.ones(chunk) for _ in range(threads)]
+    best = 0.0
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            list(pool.map(np.sum, arrays))
+            best = max(best, chunk * 8 * threads / (time.perf_counter() - begin))
+    return best
+
+
+def bandwidth_bound(threads: int) -> float:
+    """Memory bytes/s this machine moves at best: the larger of the copy rate (read +
+    written bytes, ``edge_slm.engine.device.memory_bandwidth``) and the read rate."""
+    from edge_slm.engine.device import memory_bandwidth
+
+    return max(memory_bandwidth(threads), read_bandwidth(threads))
 
 
 def _median(runs: list[dict[str, float]], key: str) -> float:
@@ -338,49 +519,55 @@ def _ratio(runs: list[dict[str, float]], ref: list[dict[str, float]] | None, key
 
 
 def _prefill_rate(run: dict[str, float], tokens: int) -> dict[str, float]:
-    return {"rate": tokens / run["time_to_first_token_s"]}
+    return {"rate": tokens / run["prefill_s"]}
 
 
 def _startup(run: dict[str, float]) -> dict[str, float]:
     return {"s": run["load_s"] + run["time_to_first_token_s"]}
 
 
+def _rounds(runs: list[dict[str, float]], ref: list[dict[str, float]] | None, key: str) -> str:
+    """The median per-round ratio and each round's, e.g. ``1.21 (1.18, 1.21, 1.30)``."""
+    if not ref:
+        return "n/a"
+    each = [a[key] / b[key] for a, b in zip(runs, ref, strict=False)]
+    return f"{statistics.median(each):.2f} ({', '.join(f'{x:.2f}' for x in each)})"
+
+
 def write_table(
     results: dict[str, list[dict[str, float]]],
-    prefill: dict[str, list[dict[str, float]]],
     ppl: dict[str, float],
     args: argparse.Namespace,
 ) -> str:
-    """Markdown table of medians, with per-round ratios to genai and to torch ``generate``."""
+    """Markdown table of medians, with per-round ratios to genai, llama.cpp and torch."""
     decode = {name: _median(runs, "decode_tokens_per_s") for name, runs in results.items()}
-    bound = _bound(results)
+    bound = args.bound
     lines = [
-        "| engine | file MiB | perplexity | load s | cold load s | first token ms | "
-        "prefill 512 tok/s | prefill x genai | decode tok/s | x genai | x torch generate | "
-        "peak RSS MiB | % of bandwidth bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| engine | file MiB | perplexity | load s | first token ms | "
+        f"prefill {args.prefill_tokens} tok/s | prefill x genai | decode tok/s | x genai "
+        "(rounds) | x llama.cpp (rounds) | x torch generate | peak RSS MiB | "
+        "MB read per token | % of bandwidth bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    genai_rates = [_prefill_rate(r, args.prefill_tokens) for r in results.get(GENAI, [])]
     for name, runs in results.items():
-        size = runs[0]["model_bytes"]
-        pre = prefill.get(name)
-        pre_rates = [_prefill_rate(r, args.prefill_tokens) for r in pre] if pre else None
-        genai_pre = prefill.get(GENAI)
-        genai_rates = [_prefill_rate(r, args.prefill_tokens) for r in genai_pre or []]
-        no_bound = name in (TORCH, TORCH_LOOP) or not bound
+        rates = [_prefill_rate(r, args.prefill_tokens) for r in runs]
+        read = runs[0]["bytes_per_token"]
         cells = [
             name,
-            f"{size / 2**20:.1f}",
+            f"{runs[0]['model_bytes'] / 2**20:.1f}",
             f"{ppl[name]:.2f}" if name in ppl else "n/a",
             f"{_median(runs, 'load_s'):.2f}",
-            f"{_median(pre, 'load_s'):.2f}" if pre else "n/a",
             f"{1000 * _median(runs, 'time_to_first_token_s'):.0f}",
-            f"{_median(pre_rates, 'rate'):.0f}" if pre_rates else "n/a",
-            f"{_ratio(pre_rates, genai_rates, 'rate'):.2f}" if pre_rates and genai_rates else "n/a",
+            f"{_median(rates, 'rate'):.0f}",
+            _fmt(_ratio(rates, genai_rates, "rate")),
             f"{decode[name]:.1f}",
-            _fmt(_ratio(runs, results.get(GENAI), "decode_tokens_per_s")),
+            _rounds(runs, results.get(GENAI), "decode_tokens_per_s"),
+            _rounds(runs, results.get(LLAMA), "decode_tokens_per_s"),
             _fmt(_ratio(runs, results.get(TORCH), "decode_tokens_per_s")),
             f"{_median(runs, 'peak_rss_bytes') / 2**20:.0f}",
-            "n/a" if no_bound else f"{100 * size * decode[name] / bound:.0f}%",
+            f"{read / 1e6:.1f}" if read else "n/a",
+            f"{100 * read * decode[name] / bound:.0f}%" if read and bound else "n/a",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nMemory bandwidth bound measured: {bound / 1e9:.1f} GB/s.\n"
@@ -390,17 +577,8 @@ def _fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.2f}"  # NaN: no reference row
 
 
-def _bound(results: dict[str, list[dict[str, float]]]) -> float:
-    return max(
-        (r["bandwidth_bound_bytes_per_s"] for runs in results.values() for r in runs
-         if "bandwidth_bound_bytes_per_s" in r),
-        default=0.0,
-    )  # fmt: skip
-
-
 def write_goals(
     results: dict[str, list[dict[str, float]]],
-    prefill: dict[str, list[dict[str, float]]],
     ppl: dict[str, float],
     args: argparse.Namespace,
 ) -> str:
@@ -421,9 +599,9 @@ def write_goals(
         dec = {n: _ratio(results[n], genai, "decode_tokens_per_s") for n in four_bit}
         rows.append(("4-bit decode >= 1.1x genai int4", per_variant(dec, "{:.2f}x"),
                      verdict([n for n, v in dec.items() if v >= 1.1])))  # fmt: skip
-        g_rates = [_prefill_rate(r, args.prefill_tokens) for r in prefill[GENAI]]
+        g_rates = [_prefill_rate(r, args.prefill_tokens) for r in genai]
         pre = {
-            n: _ratio([_prefill_rate(r, args.prefill_tokens) for r in prefill[n]], g_rates, "rate")
+            n: _ratio([_prefill_rate(r, args.prefill_tokens) for r in results[n]], g_rates, "rate")
             for n in four_bit
         }
         rows.append(("4-bit prefill 512 >= genai", per_variant(pre, "{:.2f}x"),
@@ -449,14 +627,6 @@ def write_goals(
         start = {n: _ratio([_startup(r) for r in results[n]], g_start, "s") for n in four_bit}
         rows.append(("4-bit start-up (load + first token) <= genai", per_variant(start, "{:.2f}x"),
                      verdict([n for n, v in start.items() if v <= 1.0])))  # fmt: skip
-        g_cold = [{"s": r["load_s"]} for r in prefill.get(GENAI, [])]
-        cold = {
-            n: _ratio([{"s": r["load_s"]} for r in prefill.get(n, [])], g_cold, "s")
-            for n in four_bit
-        }
-        rows.append(("4-bit cold load (no prepared-session cache) <= genai load",
-                     per_variant(cold, "{:.2f}x"),
-                     verdict([n for n, v in cold.items() if v <= 1.0])))  # fmt: skip
     eight = {n: ppl[n] / ppl[FP32_OF[n]] - 1 for n in EIGHT_BIT if n in ppl and FP32_OF[n] in ppl}
     if eight:
         desc = "; ".join(
@@ -483,20 +653,14 @@ def write_goals(
         if not both and lower:
             status += f" (lower perplexity but a larger file: {', '.join(lower)})"
         rows.append(("4-bit perplexity < genai int4 at no larger a file", desc, status))
-    bound = _bound(results)
+    bound = args.bound
     if bound:
         pct = {
-            n: 100 * results[n][0]["model_bytes"] * _median(results[n], "decode_tokens_per_s")
+            n: 100 * results[n][0]["bytes_per_token"] * _median(results[n], "decode_tokens_per_s")
             / bound for n in four_bit
         }  # fmt: skip
-        status = verdict([n for n, v in pct.items() if v >= 50])
-        if pct.get("fused int4", 0) >= 50:  # file bytes != bytes read per token there
-            status += (
-                " (fused int4's figure is overstated: its file holds the fp32 embedding"
-                " table, of which a decode step reads one row)"
-            )
         rows.append(("decode within 2x of the bandwidth bound (>= 50%)",
-                     per_variant(pct, "{:.0f}%"), status))  # fmt: skip
+                     per_variant(pct, "{:.0f}%"), verdict([n for n, v in pct.items() if v >= 50])))  # fmt: skip
     lines = ["| goal (issue 5) | this run | status |", "|---|---|---|"]
     lines += [f"| {goal} | {value} | {status} |" for goal, value, status in rows]
     return "\n".join(lines) + "\n"
@@ -641,8 +805,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--new-tokens", type=int, default=130, help="the long run's tokens (decode rate)"
+    )
+    parser.add_argument(
+        "--short-tokens", type=int, default=2, help="the short run's tokens (subtracted)"
+    )
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run of the method: the demo's two 4-bit bundles, genai and llama.cpp, "
+        "2 rounds, 34 tokens, a 128-token prefill, no torch, no perplexity; prints only",
+    )
+    parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    parser.add_argument("--llama-python", help="python with llama-cpp-python (default: peers.py)")
     parser.add_argument(
         "--genai-python",
         help="python of a venv with onnxruntime-genai 0.18 (default: set up by peers.py)",
@@ -690,88 +867,110 @@ def main() -> int:
             print(f"setting up onnxruntime-genai failed: {error}", file=sys.stderr)
             return 1
         args.genai_python, args.genai_model = str(peer.python), str(peer.model)
-    ensure_bundles(VARIANTS, not args.no_torch, not args.no_optimum)
+    if not args.no_llama and not args.llama_python:
+        try:
+            args.llama_python = str(peers.ensure_llama(python=True, server=False).python)
+        except peers.PeerError as error:
+            print(f"setting up llama-cpp-python failed: {error}", file=sys.stderr)
+            return 1
     engines: dict[str, Path] = {}
-    if not args.no_optimum:
-        engines["optimum fp32"] = OPTIMUM
-        engines["optimum int8"] = OPTIMUM_INT8
-    engines["fused fp32"] = FUSED
-    engines.update({name: folder for name, (folder, _) in VARIANTS.items()})
-    ppl = perplexities(engines)
-    if args.genai_perplexity:
-        ppl[GENAI] = args.genai_perplexity
-    elif args.genai_model:
-        ppl[GENAI] = genai_perplexity(Path(args.genai_model), FUSED)
+    ppl: dict[str, float] = {}
+    if args.quick:
+        args.rounds, args.new_tokens, args.prefill_tokens = 2, 34, 128
+        args.no_torch = True
+        engines = {name: path for name, path in QUICK_ENGINES.items() if _built(path)}
+    else:
+        ensure_bundles(VARIANTS, not args.no_torch, not args.no_optimum)
+        if not args.no_optimum:
+            engines["optimum fp32"] = OPTIMUM
+            engines["optimum int8"] = OPTIMUM_INT8
+        engines["fused fp32"] = FUSED
+        engines.update({name: folder for name, (folder, _) in VARIANTS.items()})
+        ppl = perplexities(engines)
+        if args.genai_perplexity:
+            ppl[GENAI] = args.genai_perplexity
+        elif args.genai_model:
+            ppl[GENAI] = genai_perplexity(Path(args.genai_model), FUSED)
     names = list(engines)
     if args.genai_model:
         names.append(GENAI)
+    if args.llama_python:
+        names.append(LLAMA)
     if not args.no_torch:
         names.append(TORCH)
         if not args.no_torch_loop:
             names.append(TORCH_LOOP)
-    load_before = os.getloadavg()[0]
+    args.bound = bandwidth_bound(args.threads)  # measured again after every round
+    load_before = os.getloadavg()
+    print(f"start: load average {load_before}", file=sys.stderr)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    prefill: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    for name in names:  # build each bundle's prepared-session cache entry, untimed
-        if name in engines:
-            run_edge(engines[name], args, 4, 1)
+    for name in engines:  # build each bundle's prepared-session cache entry, untimed
+        run_child(sys.executable, EDGE_SCRIPT, {"model": str(engines[name]), "ids": [1, 2],
+                  "prefill_ids": [1, 2], "short": 1, "long": 2, "threads": args.threads})  # fmt: skip
     for round_ in range(args.rounds):
-        for name in names:
-            for store, prompt, new in (
-                (results, args.prompt_tokens, args.new_tokens),
-                (prefill, args.prefill_tokens, 1),
-            ):
-                if name == GENAI:
-                    store[name].append(run_genai(args, prompt, new))
-                elif name in (TORCH, TORCH_LOOP):
-                    mode = "generate" if name == TORCH else "loop"
-                    store[name].append(run_torch(args, prompt, new, mode))
-                else:
-                    # decode runs load from the prepared-session cache (warmed below),
-                    # prefill runs cold: the table shows both start-ups
-                    cached = store is results
-                    store[name].append(run_edge(engines[name], args, prompt, new, cached))
-        print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
-    ppl[TORCH] = ppl.get("fused fp32", float("nan"))  # same weights, same float math
-    table = write_table(results, prefill, ppl, args)
-    goals = write_goals(results, prefill, ppl, args)
-    print(table + "\n" + goals)
+        shift = round_ % len(names)  # each round starts with another engine
+        for name in names[shift:] + names[:shift]:
+            results[name].append(run_engine(name, engines, args))
+        args.bound = max(args.bound, bandwidth_bound(args.threads))  # the best moment counts
+        print(f"round {round_ + 1}/{args.rounds}: load average {os.getloadavg()}", file=sys.stderr)
+    load_after = os.getloadavg()
+    if GENAI in results:
+        old = statistics.median(r["old_method_tokens_per_s"] for r in results[GENAI])
+        print(f"genai by the old method (64 steps after the first token): {old:.1f} tok/s")
+    if not args.no_torch:
+        ppl[TORCH] = ppl.get("fused fp32", float("nan"))  # same weights, same float math
+    table = write_table(results, ppl, args)
+    loads = f"load average at the start {load_before[0]:.1f}, at the end {load_after[0]:.1f}"
+    if args.quick:
+        print(table + "\n" + loads)
+        return 0
+    goals = write_goals(results, ppl, args)
+    print(table + "\n" + goals + "\n" + loads)
     if args.raw_json:
-        raw = {"decode": results, "prefill": prefill, "perplexity": ppl}
-        args.raw_json.write_text(json.dumps(raw, indent=1))
+        args.raw_json.write_text(json.dumps({"runs": results, "perplexity": ppl}, indent=1))
     waits = sorted(
         {str(r.get("omp_wait_policy")) for n in (TORCH, TORCH_LOOP) for r in results.get(n, [])}
     )
     picture = plot(results, ppl, args.out.with_suffix(".png"))
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()}, {_cpu_name()}, {args.threads} threads"
-    # hand-written notes after the generated part ("## What the rows are" on) are kept
-    kept = ""
-    if args.out.exists():
-        old = args.out.read_text(encoding="utf-8")
-        if "\n## What the rows are" in old:
-            kept = "\n" + old[old.index("\n## What the rows are") + 1 :]
-    args.out.write_text(
+    head = (
         "# Performance: SmolLM2-135M-Instruct\n\n"
-        f"Measured {when} on {machine} (a shared machine: medians of {args.rounds} "
-        f"interleaved rounds, one fresh process per run), {args.prompt_tokens}-token prompt + "
-        f"{args.new_tokens} greedy tokens for decode, a {args.prefill_tokens}-token prompt for "
-        "prefill. Perplexity: War of the Worlds, 4,096 tokens, 512-token windows. Reproduce "
-        "with `make bench` (`benchmarks/bench_decode.py`; peers set up by "
-        "`benchmarks/peers.py`). "
-        "`x genai` / `x torch generate` are medians of per-round ratios (neighbours in one "
-        "round saw the same load). `load s`: the decode runs; edge-slm rows load from the "
-        "prepared-session cache (built once before round 1); `cold load s`: the prefill "
-        "runs, edge-slm rows with `--no-cache` (graph optimization and pre-packing at load). Load average at the start and end: "
-        f"{load_before:.1f} / {os.getloadavg()[0]:.1f}. Torch rows: {args.threads} threads, "
+        f"Measured {when} on {machine} (a shared machine), {args.rounds} interleaved "
+        "rounds, every engine in its own fresh process per round, each round starting with "
+        "another engine; medians, and per-round ratios in parentheses (neighbours in one "
+        f"round saw the same load). The same {args.prompt_tokens}-token prompt ids for every "
+        "engine, greedy, end-of-text never stopping a run. **decode tok/s** = (tokens("
+        f"{args.new_tokens}) - tokens({args.short_tokens})) / (t({args.new_tokens}) - "
+        f"t({args.short_tokens})) of two runs from an empty cache in the same process "
+        "(prompt, first token and per-call costs cancel); **first token**: the prompt + 1 "
+        f"token; **prefill**: a {args.prefill_tokens}-token prompt + 1 token; **load**: "
+        "start-up in the fresh process (edge-slm rows from the prepared-session cache). "
+        "**MB read per token**: the weights a decode step reads (a looked-up embedding "
+        "table counts one row, a tied table the lm_head reads counts whole) plus the KV "
+        "cache at mid-run; **% of bandwidth bound** = that x decode tok/s / the larger of "
+        "the measured copy (read + written) and read rates. Perplexity: War of the "
+        "Worlds, 4,096 tokens, 512-token windows. Reproduce with `make bench` "
+        "(`benchmarks/bench_decode.py`, `--quick` for a smoke run; peers set up by "
+        f"`benchmarks/peers.py`). {loads}. Torch rows: {args.threads} threads, "
         f"OMP_WAIT_POLICY {', '.join(waits) or 'n/a'} (`--torch-wait {args.torch_wait}`).\n\n"
         + table
         + (f"\n![size vs perplexity vs tokens/s]({picture.name})\n" if picture else "")
-        + "\n## Goals of issue 5, from this run\n\n"
-        + goals
-        + kept,
-        encoding="utf-8",
     )
+    goals_section = "## Goals of issue 5, from this run\n\n" + goals
+    # only the generated parts change: the head (up to the first section) and the goals
+    # section; every hand-written section is kept where it is
+    rest = ""
+    if args.out.exists():
+        old = args.out.read_text(encoding="utf-8")
+        rest = old[old.index("\n## ") + 1 :] if "\n## " in old else ""
+    start = rest.find("## Goals of issue 5")
+    if start < 0:
+        rest = goals_section + "\n" + rest
+    else:
+        end = rest.find("\n## ", start + 1)
+        rest = rest[:start] + goals_section + ("\n" + rest[end + 1 :] if end >= 0 else "")
+    args.out.write_text(head + "\n" + rest, encoding="utf-8")
     return 0
 
 
