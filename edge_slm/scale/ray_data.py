@@ -13,9 +13,9 @@ scores batches (pyarrow tables) with :class:`~edge_slm.scale.tasks.RowScorer`, s
 results are those of the single-process runtime, row for row. onnxruntime's intra-op
 threads are the CPUs Ray gave the actor (``num_cpus``), so ``workers`` actors on a node
 use ``workers * num_cpus`` cores and never oversubscribe it. A bad row gets an
-``error`` field naming it; the other rows of its batch are scored as usual. Actors are
-restarted and their batches retried when they die (``max_restarts`` /
-``max_task_retries``).
+``error`` field naming it; the other rows of its batch are scored as usual. A dead
+actor is restarted and its batches retried: Ray Data's defaults for map actors
+(``max_restarts=-1``, ``max_task_retries=-1`` in Ray 2.60; tests/test_ray.py kills one).
 
 :func:`ray_engine` is the engine of ``edge-slm batch --workers/--ray``
 (:mod:`edge_slm.scale.blocks`).
@@ -177,7 +177,6 @@ def map_bundle(
     id_column: str | None = None,
     name_column: str | None = None,
     batch_size: int | None = None,
-    max_restarts: int = -1,
 ) -> ray.data.Dataset:
     """``ds`` with the bundle's results appended to each row (lazy, like every map).
 
@@ -188,8 +187,6 @@ def map_bundle(
         cpus_per_worker: CPUs Ray reserves per actor, and its onnxruntime threads.
         batch_size: rows per call of the transform (None: a whole block per call; the
             scorer still runs the graph ``spec.batch_size`` rows at a time).
-        max_restarts: how often a dead actor is restarted (-1: always); its unfinished
-            batches are retried on the restarted or another actor.
     """
     if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int):
         raise InvalidArgumentError(f"cpus_per_worker must be an integer, got {cpus_per_worker!r}")
@@ -211,8 +208,6 @@ def map_bundle(
         zero_copy_batch=True,
         compute=_pool(workers),
         num_cpus=cpus_per_worker,
-        max_restarts=max_restarts,
-        max_task_retries=-1 if max_restarts != 0 else 0,
     )
 
 
