@@ -266,3 +266,9 @@ def test_server_usage_counts_the_tokens_fed_to_the_model(model: edge_slm.TextGen
             else:
                 usage = answer.json()["usage"]
             assert usage["prompt_tokens"] == len(fed)
+
+
+def test_load_switches_are_booleans() -> None:
+    for name in ("verify", "rehash", "chat_special_tokens"):
+        with pytest.raises(InvalidArgumentError, match=f"{name} must be True or False"):
+            LoadOptions(**{name: "yes"})
