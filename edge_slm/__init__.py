@@ -18,6 +18,7 @@ from edge_slm.encoders.embed import CosineIndex, Hit, TextEmbedder
 from edge_slm.encoders.encoder import TruncationWarning
 from edge_slm.encoders.entities import Entity
 from edge_slm.encoders.token_classify import TokenClassification, TokenClassifier
+from edge_slm.encoders.train_head import TrainedClassifier, read_examples, train_classifier
 from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import (
     BundleError,
@@ -78,8 +79,11 @@ __all__ = [
     "Tool",
     "ToolCall",
     "ToolUse",
+    "TrainedClassifier",
     "TruncationWarning",
     "load",
+    "read_examples",
+    "train_classifier",
 ]
 
 
