@@ -158,6 +158,11 @@ def test_trained_bundle_equals_scikit_learn_on_the_embedders_vectors(
     assert training.examples + training.holdout_examples == len(examples)
     assert training.examples_per_label == {"account": 15, "food": 15, "travel": 15}
     assert manifest.validation is not None and manifest.validation.max_abs_logit_diff < 1e-4
+    import onnx  # the build stage's reference parser accepts the appended graph too
+
+    model = onnx.load(str(result.path / manifest.files["model"]))
+    onnx.checker.check_model(model)
+    assert [o.name for o in model.graph.output] == ["sentence_embedding", "logits"]
 
     train, held = stratified_split([y for _, y in examples], 0.25, 3)
     embedder = TextEmbedder(encoder_bundles["emb"], read_bundle(encoder_bundles["emb"]))
@@ -225,6 +230,8 @@ def test_out_folder_is_refused_unless_overwrite_and_never_half_written(
     train_classifier(encoder_bundles["emb"], examples, out, holdout=0)
     with pytest.raises(BundleError, match="exists"):
         train_classifier(encoder_bundles["emb"], examples, out)
+    with pytest.raises(InvalidArgumentError, match="is the embedder bundle itself"):
+        train_classifier(encoder_bundles["emb"], examples, encoder_bundles["emb"], overwrite=True)
     result = train_classifier(encoder_bundles["emb"], examples, out, holdout=0, overwrite=True)
     assert result.training.holdout_accuracy is None and result.training.holdout_examples == 0
     with pytest.raises(InvalidArgumentError, match="example 2: the label is empty"):

@@ -235,6 +235,8 @@ def train_classifier(
     """
     embedder_path = Path(embedder_bundle)
     out = Path(out_dir)
+    if out.resolve() == embedder_path.resolve():
+        raise InvalidArgumentError(f"the output folder {out} is the embedder bundle itself")
     if out.exists() and not overwrite:
         raise BundleError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     _check_class_weight(class_weight)
