@@ -144,10 +144,14 @@ bench-concurrency: demo
 	$(PY) benchmarks/bench_concurrency.py
 
 # Head training on the device against scikit-learn, the few-shot curve (docs/few-shot.png)
-# and zero-shot SmolLM2 choose() against the trained sentiment head (measuring: about 10 and
-# 5 minutes on 2 busy cores; the embeddings are cached in .cache/bench-train/).
+# and zero-shot SmolLM2 choose() against the trained sentiment head; tables in
+# docs/classification.md. The embeddings are cached in .cache/bench-train/ (embedding took
+# 3 + 27 + 4 minutes at load average 15-20 on 2 cores, the fits a few minutes; zero-shot
+# 200 sentences 12 minutes).
 bench-train: demo
-	$(PY) benchmarks/bench_train_head.py --bundles bundles/minilm bundles/minilm-int8
+	$(PY) benchmarks/bench_train_head.py --bundles bundles/minilm
+	$(PY) benchmarks/bench_train_head.py --bundles bundles/minilm-int8 --datasets polarity \
+	    --no-few-shot --json .cache/bench-train/results-int8.json
 	$(PY) benchmarks/bench_zero_shot.py -n 200 --classifiers bundles/sentiment-int8
 
 # The peers alone (idempotent): bundles/smollm2-hf, .cache/peers/genai-venv, its model,
