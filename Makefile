@@ -123,7 +123,8 @@ bench: setup $(ASSETS)/.smollm2
 	$(PY) benchmarks/bench_decode.py
 
 # The same method as a smoke run (2 rounds, 34 tokens, no torch, no perplexity): the demo's
-# two 4-bit bundles, genai and llama.cpp; prints the table only (4 minutes under heavy load).
+# two 4-bit bundles, genai and llama.cpp; prints the table only (13 minutes at load average
+# 14-19 on 2 cores, measured 2026-11-29, mostly llama.cpp, whose threads collapse under load).
 .PHONY: bench-quick
 bench-quick: setup $(ASSETS)/.smollm2
 	$(PY) benchmarks/bench_decode.py --quick
