@@ -309,9 +309,12 @@ def tool_messages(
     return out
 
 
-def check_no_tool_messages(messages: Iterable[object]) -> None:
+def check_no_tool_messages(messages: object) -> None:
     """Refuse tool calls and tool results in a chat without tools: they render only in
-    the tool format of the tools they came from (InvalidArgumentError saying so)."""
+    the tool format of the tools they came from (InvalidArgumentError saying so).
+    Anything but a list of messages is left to the chat's own validation."""
+    if not isinstance(messages, (list, tuple)):
+        return
     for i, message in enumerate(messages):
         if isinstance(message, Mapping) and (
             message.get("role") == "tool" or message.get("tool_calls")
