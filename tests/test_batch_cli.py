@@ -403,6 +403,7 @@ from edge_slm.cli.main import main
 REPORT["status"] = main(["batch", BUNDLE, SOURCE, OUT, "--no-progress"])
 REPORT["lines"] = len(open(OUT).readlines())
 REPORT["parquet"] = main(["batch", BUNDLE, SOURCE, OUT + ".parquet", "--no-progress"])
+REPORT["workers"] = main(["batch", BUNDLE, SOURCE, OUT, "--no-progress", "--workers", "2"])
 REPORT["loaded"] = sorted(m for m in ("ray", "pyarrow", "pandas") if m in sys.modules)
 """
 
@@ -421,6 +422,8 @@ def test_the_local_path_needs_neither_ray_nor_pyarrow(
         OUT=str(tmp_path / "out.jsonl"),
     )
     report = report_of(out)
-    assert (report["status"], report["lines"], report["parquet"]) == (0, 5, 2)
+    assert (report["status"], report["lines"], report["parquet"], report["workers"]) == (0, 5, 2, 2)
     assert "Parquet files need pyarrow: pip install 'edge-slm[ray]'" in out.stderr
+    assert "error: Ray is not installed (" in out.stderr
+    assert "): pip install 'edge-slm[ray]'" in out.stderr
     assert report["loaded"] == [] and report["heavy"] == []

@@ -41,7 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     from edge_slm.errors import InvalidArgumentError
 
     raise InvalidArgumentError(
-        f"Ray is not installed ({exc.name} is missing): pip install 'edge-slm[ray]'"
+        f"Ray is not installed ({exc}): pip install 'edge-slm[ray]'"
     ) from None
 
 from edge_slm.errors import InvalidArgumentError
