@@ -29,10 +29,11 @@ from edge_slm.scale.tables import read_rows
 from edge_slm.scale.tasks import BUNDLE_TASKS, TASKS, RowScorer, TaskSpec
 
 _DESCRIPTION = """\
-Score every row of a JSONL, CSV or Parquet file with a bundle: classify, embed, ner
-(entities), generate (the text is the prompt) or chat (the text is the user message). The output
-(same formats, by suffix) has each input row's fields, the results and an 'error'
-field naming any row that failed; a bad row never stops the others.
+Score every row of a JSONL, CSV or Parquet file with a bundle: classify, embed,
+ner (entities), generate (the text is the prompt) or chat (the text is the user
+message). The output (same formats, by suffix) has each input row's fields, the
+results and an 'error' field naming any row that failed; a bad row never stops the
+others.
 
 The work goes in blocks of rows, each saved beside OUTPUT (OUTPUT.parts/) as it
 finishes: run the same command again after an interruption and it computes only the
