@@ -206,7 +206,7 @@ def test_the_acceptance_rule_draws_from_the_samplers_distribution() -> None:
     p = np.exp(filtered) / np.exp(filtered).sum()  # token 5 removed by top_k: p = 0
     accept = DraftAcceptor(**settings)  # type: ignore[arg-type]
     rng = np.random.default_rng(0)
-    draws = 20_000
+    draws = 6_000
     for draft in (0, 3, 5):  # likely, unlikely, impossible
         counts = np.bincount([accept(logits, draft, rng) for _ in range(draws)], minlength=6)
         freq = counts / draws
