@@ -43,9 +43,13 @@ $(ASSETS)/.encoders: $(VENV)/.installed examples/fetch_assets.py
 	$(PY) examples/fetch_assets.py --dest $(ASSETS) --only-encoders
 	touch $@
 
-# Real-model checks (SmolLM2-135M and MiniLM against transformers): minutes, opt-in.
-# A missing asset fails a test instead of skipping it.
-test-slow: setup $(ASSETS)/.smollm2 $(ASSETS)/.encoders
+$(ASSETS)/.gemma3: $(VENV)/.installed examples/fetch_assets.py
+	$(PY) examples/fetch_assets.py --dest $(ASSETS) --only gemma3
+	touch $@
+
+# Real-model checks (SmolLM2-135M, Gemma 3 270M Q4_K_M and MiniLM against transformers):
+# minutes, opt-in. A missing asset fails a test instead of skipping it.
+test-slow: setup $(ASSETS)/.smollm2 $(ASSETS)/.encoders $(ASSETS)/.gemma3
 	EDGE_SLM_ASSETS=$(ASSETS) $(PY) -m pytest -q -m slow
 
 # The soak (tests/test_soak.py): 1,000 mixed generations and server requests on a tiny
