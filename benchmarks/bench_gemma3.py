@@ -13,7 +13,10 @@ BOS in front of each). llama.cpp scores the very same token-id windows on the GG
 (``llama_cpp_perplexity.py``). Decode speed, load time and peak RSS: ``edge-slm bench``
 (32-token prompt, 64 new tokens) for our bundles, a 64-token greedy completion timed the
 same way for llama.cpp, fresh process each, interleaved round after round; medians.
-Prints a Markdown table.
+Prints a Markdown table. Caveat: the llama.cpp decode figure goes through
+llama-cpp-python's ``generate``, whose per-token sampling handles the 262,144-entry
+vocabulary in Python; measured 4-7 tok/s here, far below llama.cpp's own kernels
+(about 73 tok/s in /work/shared/FINDINGS.md): it is not a fair engine comparison.
 """
 
 from __future__ import annotations
