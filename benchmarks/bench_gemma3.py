@@ -16,7 +16,7 @@ same way for llama.cpp, fresh process each, interleaved round after round; media
 Prints a Markdown table. Caveat: the llama.cpp decode figure goes through
 llama-cpp-python's ``generate``, whose per-token sampling handles the 262,144-entry
 vocabulary in Python; measured 4-7 tok/s here, far below llama.cpp's own kernels
-(about 73 tok/s in /work/shared/FINDINGS.md): it is not a fair engine comparison.
+(about 73 tok/s measured separately on this machine): not a fair engine comparison.
 """
 
 from __future__ import annotations
