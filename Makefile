@@ -122,7 +122,7 @@ runtime-check: demo
 # engine and round, decode rate by differencing a 130- and a 2-token run): builds the missing
 # bundles and sets up the peers itself (benchmarks/peers.py: genai's venv and int4 model and
 # llama-cpp-python under .cache/peers/); writes docs/performance.md and docs/performance.png.
-# Not yet timed with this method on a quiet machine (the old one took 9 minutes).
+# Measuring: 13 minutes on 2 cores at load average 1.5 (2026-11-29), rebuilding its bundles included.
 bench: setup $(ASSETS)/.smollm2
 	$(PY) benchmarks/bench_decode.py
 
