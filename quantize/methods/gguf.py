@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -72,52 +73,57 @@ def _check_fused(context: MethodContext) -> None:
         )
 
 
-def _gguf(
-    model: onnx.ModelProto, settings: WeightOnlySettings, logits: str, context: MethodContext
+def _transcode(
+    model: onnx.ModelProto,
+    settings: WeightOnlySettings,
+    logits: str,
+    context: MethodContext,
+    **options: Any,
 ) -> QuantizedGraph:
+    """The GGUF source's blocks carried into ``model`` (``options`` go to
+    ``transcode_gguf``), the embedding shared with the lm_head where they are tied."""
     from edge_slm_quantize.gguf import read_gguf, transcode_gguf
 
     _check_fused(context)
     source = read_gguf(gguf_source_path(context))
-    return share_embedding(transcode_gguf(model, source, settings, logits=logits), logits)
+    result = transcode_gguf(model, source, settings, logits=logits, **options)
+    return share_embedding(result, logits)
+
+
+def _gguf(
+    model: onnx.ModelProto, settings: WeightOnlySettings, logits: str, context: MethodContext
+) -> QuantizedGraph:
+    return _transcode(model, settings, logits, context)
 
 
 def _gguf_lm_head4(
     model: onnx.ModelProto, settings: WeightOnlySettings, logits: str, context: MethodContext
 ) -> QuantizedGraph:
-    from edge_slm_quantize.gguf import read_gguf, transcode_gguf
     from edge_slm_quantize.search import lm_head_importance
 
-    _check_fused(context)
-    source = read_gguf(gguf_source_path(context))
-    result = transcode_gguf(
+    return _transcode(
         model,
-        source,
         settings,
-        logits=logits,
+        logits,
+        context,
         lm_head=replace(settings, bits=4),
         importance=lm_head_importance(model, logits),
     )
-    return share_embedding(result, logits)
 
 
 def _gguf_small(
     model: onnx.ModelProto, settings: WeightOnlySettings, logits: str, context: MethodContext
 ) -> QuantizedGraph:
-    from edge_slm_quantize.gguf import read_gguf, transcode_gguf
     from edge_slm_quantize.search import lm_head_importance
 
-    _check_fused(context)
-    source = read_gguf(gguf_source_path(context))
-    result = transcode_gguf(
+    return _transcode(
         model,
-        source,
         settings,
-        logits=logits,
+        logits,
+        context,
         requantize=replace(settings, bits=4),
         importance=lm_head_importance(model, logits),
     )
-    return share_embedding(result, logits)
 
 
 METHODS = (
