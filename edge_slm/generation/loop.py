@@ -177,7 +177,7 @@ def generate_step(
             if stats.first_token_at is None:
                 stats.first_token_at = time.perf_counter()
             kept = draft is not None and step.token_id == draft and step.finish_reason is None
-            if not kept:  # drop the KV of drafts[i:]: the state ends before this token
+            if draft is not None and not kept:  # drop the KV of drafts[i:]
                 backend.truncate(state, len(state.tokens) - (len(drafts) - i))
             yield step
             if step.finish_reason is not None:
