@@ -96,6 +96,7 @@ TORCH = "transformers fp32 (torch)"
 TORCH_LOOP = "torch fp32 KV loop (hand-written)"
 
 LLAMA = "llama.cpp Q4_1 GGUF (llama-cpp-python)"
+LLAMA_BENCH = "llama.cpp Q4_1 GGUF (llama-bench)"
 
 # Every engine's child process gets the same prompt ids (our tokenizer; genai, llama.cpp
 # and torch share SmolLM2's vocabulary) and runs the same schedule: load (timed: start-up),
@@ -196,6 +197,24 @@ def run(n, prompt):
 measure(run, load_s)
 """
 )
+
+# llama.cpp's own benchmark on the same GGUF, in C++ with no Python around its loop: a
+# tg test of (LONG - SHORT) tokens from an empty cache (its average rate, after its own
+# warm-up run) and a pp test of the PREFILL prompt; no load or first-token figure.
+# Peak RSS: the llama-bench child's (getrusage of the children of this fresh process).
+LLAMA_BENCH_SCRIPT = r"""
+import json, resource, subprocess, sys
+spec = json.loads(sys.argv[1])
+prefill, decode = len(spec["prefill_ids"]), spec["long"] - spec["short"]
+command = [spec["binary"], "-m", spec["model"], "-t", str(spec["threads"]),
+           "-p", str(prefill), "-n", str(decode), "-r", "1", "-o", "json"]
+tests = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+rate = {"prefill" if t["n_prompt"] else "decode": float(t["avg_ts"]) for t in tests}
+nan = float("nan")
+print(json.dumps({"load_s": nan, "time_to_first_token_s": nan,
+    "decode_tokens_per_s": rate["decode"], "prefill_s": prefill / rate["prefill"],
+    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+"""
 
 TORCH_SCRIPT = (
     CHILD_COMMON
@@ -367,13 +386,14 @@ def genai_perplexity(model_dir: Path, reference_bundle: Path) -> float:
     return cache[key]
 
 
-def prompt_ids(count: int) -> list[int]:
-    """``count`` ids of a fixed English text repeated (SmolLM2's tokenizer, no BOS)."""
+def prompt_ids(count: int, tokenizer_file: Path = TOKENIZER) -> list[int]:
+    """``count`` ids of a fixed English text repeated (SmolLM2's tokenizer unless told
+    otherwise, no BOS)."""
     from tokenizers import Tokenizer
 
     from edge_slm.cli.bench import _TEXT
 
-    tokenizer = Tokenizer.from_file(str(TOKENIZER))
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
     ids = tokenizer.encode(_TEXT, add_special_tokens=False).ids
     return (ids * (count // len(ids) + 1))[:count]
 
@@ -403,6 +423,9 @@ def run_engine(name: str, engines: dict[str, Path], args: argparse.Namespace) ->
         python, script, spec["model"] = args.genai_python, GENAI_SCRIPT, args.genai_model
     elif name == LLAMA:
         python, script, spec["model"] = args.llama_python, LLAMA_SCRIPT, str(GGUF)
+    elif name == LLAMA_BENCH:
+        python, script, spec["model"] = sys.executable, LLAMA_BENCH_SCRIPT, str(GGUF)
+        spec["binary"] = args.llama_bench
     elif name in (TORCH, TORCH_LOOP):
         python, script, spec["model"] = sys.executable, TORCH_SCRIPT, str(HF_DIR)
         spec["mode"] = "generate" if name == TORCH else "loop"
@@ -467,7 +490,7 @@ def engine_bytes(name: str, engines: dict[str, Path], args: argparse.Namespace) 
         return sum(p.stat().st_size for p in folder.glob("*.onnx*")), kv + _onnx_bytes_per_token(
             folder / "model.onnx"
         )
-    if name == LLAMA:
+    if name in (LLAMA, LLAMA_BENCH):
         return GGUF.stat().st_size, kv // 2 + _gguf_bytes_per_token(GGUF)
     if name in (TORCH, TORCH_LOOP):
         size = sum(p.stat().st_size for p in HF_DIR.glob("*.safetensors"))
@@ -545,9 +568,9 @@ def write_table(
     lines = [
         "| engine | file MiB | perplexity | load s | first token ms | "
         f"prefill {args.prefill_tokens} tok/s | prefill x genai | decode tok/s | x genai "
-        "(rounds) | x llama.cpp (rounds) | x torch generate | peak RSS MiB | "
-        "MB read per token | % of bandwidth bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(rounds) | x llama-bench (rounds) | x llama-cpp-python (rounds) | x torch generate | "
+        "peak RSS MiB | MB read per token | % of bandwidth bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     genai_rates = [_prefill_rate(r, args.prefill_tokens) for r in results.get(GENAI, [])]
     for name, runs in results.items():
@@ -563,12 +586,14 @@ def write_table(
             _fmt(_ratio(rates, genai_rates, "rate")),
             f"{decode[name]:.1f}",
             _rounds(runs, results.get(GENAI), "decode_tokens_per_s"),
+            _rounds(runs, results.get(LLAMA_BENCH), "decode_tokens_per_s"),
             _rounds(runs, results.get(LLAMA), "decode_tokens_per_s"),
             _fmt(_ratio(runs, results.get(TORCH), "decode_tokens_per_s")),
             f"{_median(runs, 'peak_rss_bytes') / 2**20:.0f}",
             f"{read / 1e6:.1f}" if read else "n/a",
             f"{100 * read * decode[name] / bound:.0f}%" if read and bound else "n/a",
         ]
+        cells = ["n/a" if cell.startswith("nan") else cell for cell in cells]  # not measured
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nMemory bandwidth bound measured: {bound / 1e9:.1f} GB/s.\n"
 
@@ -820,6 +845,7 @@ def main() -> int:
     )
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     parser.add_argument("--llama-python", help="python with llama-cpp-python (default: peers.py)")
+    parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary (default: peers.py)")
     parser.add_argument(
         "--genai-python",
         help="python of a venv with onnxruntime-genai 0.18 (default: set up by peers.py)",
@@ -870,6 +896,7 @@ def main() -> int:
     if not args.no_llama and not args.llama_python:
         try:
             args.llama_python = str(peers.ensure_llama(python=True, server=False).python)
+            args.llama_bench = args.llama_bench or str(peers.llama_bench_binary())
         except peers.PeerError as error:
             print(f"setting up llama-cpp-python failed: {error}", file=sys.stderr)
             return 1
@@ -896,6 +923,8 @@ def main() -> int:
         names.append(GENAI)
     if args.llama_python:
         names.append(LLAMA)
+    if args.llama_bench and not args.no_llama:
+        names.append(LLAMA_BENCH)
     if not args.no_torch:
         names.append(TORCH)
         if not args.no_torch_loop:

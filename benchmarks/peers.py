@@ -77,7 +77,8 @@ BUILDER = ("-m", "onnxruntime_genai.models.builder", "-p", "int4", "-e", "cpu")
 LLAMA_VERSION = "0.3.36"  # llama-cpp-python; its sdist vendors the llama.cpp we build
 LLAMA_VENV = PEERS / "llama-venv"
 LLAMA_SRC = PEERS / "llama-src"  # the sdist, unpacked: vendor/llama.cpp for llama-server
-LLAMA_SERVER = PEERS / "llama-server"  # cmake build folder; the binary in bin/
+LLAMA_SERVER = PEERS / "llama-server"  # cmake build folder; the binaries in bin/
+LLAMA_TARGETS = ("llama-server", "llama-bench")
 # the server extra's packages as resolved when this was set up (pip freeze of llama-venv)
 LLAMA_PINS = (
     f"llama-cpp-python[server]=={LLAMA_VERSION}",
@@ -342,22 +343,35 @@ def ensure_llama_source(src: Path = LLAMA_SRC) -> Path:
 
 
 def ensure_llama_server(build: Path = LLAMA_SERVER, rebuild: bool = False) -> Path:
-    """llama.cpp's ``llama-server``, built by cmake from the sdist's sources when stale."""
-    stamp = f"llama.cpp of llama-cpp-python {LLAMA_VERSION}\n" + " ".join(LLAMA_SERVER_ARGS)
-    binary = build / "bin/llama-server"
-    if not rebuild and binary.is_file() and _stamp_matches(build, stamp + "\n"):
-        return binary
+    """llama.cpp's ``llama-server`` and ``llama-bench`` (its own decode benchmark), built
+    by cmake from the sdist's sources when stale; returns the server's path (the bench
+    sits beside it: :func:`llama_bench_binary`)."""
+    stamp = (
+        f"llama.cpp of llama-cpp-python {LLAMA_VERSION}\n"
+        + " ".join(LLAMA_SERVER_ARGS)
+        + "\ntargets "
+        + " ".join(LLAMA_TARGETS)
+    )
+    binaries = [build / "bin" / target for target in LLAMA_TARGETS]
+    if not rebuild and all(b.is_file() for b in binaries) and _stamp_matches(build, stamp + "\n"):
+        return binaries[0]
     source = ensure_llama_source()
     shutil.rmtree(build, ignore_errors=True)
     env = _build_env()
     configure = ["cmake", "-S", str(source), "-B", str(build), *LLAMA_SERVER_ARGS]
     _run("configuring llama.cpp (cmake)", configure, env=env)
     jobs = env["CMAKE_BUILD_PARALLEL_LEVEL"]
-    compile_ = ["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs]
-    _run("compiling llama-server (minutes)", compile_, env=env)
-    _run("checking llama-server", [str(binary), "--version"])
+    compile_ = ["cmake", "--build", str(build), "--target", *LLAMA_TARGETS, "-j", jobs]
+    _run("compiling llama-server and llama-bench (minutes)", compile_, env=env)
+    _run("checking llama-server", [str(binaries[0]), "--version"])
     (build / STAMP).write_text(stamp + "\n", encoding="utf-8")
-    return binary
+    return binaries[0]
+
+
+def llama_bench_binary(build: Path = LLAMA_SERVER) -> Path:
+    """llama.cpp's ``llama-bench``, built with the server (:func:`ensure_llama_server`)."""
+    ensure_llama_server(build)
+    return build / "bin/llama-bench"
 
 
 def ensure_llama(rebuild: bool = False, python: bool = True, server: bool = True) -> LlamaPeer:
