@@ -92,10 +92,11 @@ import onnxruntime as ort
 
 from edge_slm.bundle import hash_record
 from edge_slm.bundle.hash_record import FileHashes
+from edge_slm.engine import block_offsets
 
 CACHE_ENV = "EDGE_SLM_CACHE"
 CACHE_DIR_ENV = "EDGE_SLM_CACHE_DIR"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: block offsets folded into pre-packed weights
 ENTRY_FILE = "entry.json"
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.data"
@@ -198,6 +199,7 @@ def cache_key(
         "optimization_level": str(optimization_level),
         "provider": PROVIDER,
         "cpu": cpu_identity(),
+        "block_offsets": block_offsets.enabled(),
     }
     if not verified:
         model_path = model_path.resolve()
@@ -627,6 +629,13 @@ def _build(
             for path in tmp.iterdir():
                 path.unlink()
             record["unusable"] = f"cannot align the saved graph's data: {exc}"
+        if "unusable" not in record:
+            folded, patched = block_offsets.fold_block_offsets(
+                tmp, lambda path: _open_entry(path, options)
+            )
+            record["block_offsets"] = folded.detail
+            if patched is not None:
+                session = patched  # the entry's graph, as a hit opens it
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         if "unusable" not in record and GRAPH_FILE not in sizes:
             raise OSError(f"onnxruntime wrote no {GRAPH_FILE}")
@@ -653,7 +662,8 @@ def _build(
     if "unusable" in record:
         return CachedSession(session, "off", f"prepared-session cache off: {record['unusable']}")
     total = sum(sizes.values())
-    return CachedSession(session, "built", f"prepared-session cache built, {total >> 20} MiB")
+    detail = f"prepared-session cache built, {total >> 20} MiB; {record['block_offsets']}"
+    return CachedSession(session, "built", detail)
 
 
 def _write_record(folder: Path, record: dict[str, Any], secret: bytes) -> None:
@@ -781,10 +791,8 @@ def open_cached(
                 session, "off", f"prepared-session cache off: {record['unusable']}"
             )
         if not problem:
-            so = options()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:
-                session = ort.InferenceSession(str(entry / GRAPH_FILE), so, providers=[PROVIDER])
+                session = _open_entry(entry / GRAPH_FILE, options)
                 release_file_pages(entry / DATA_FILE)
                 _note_path(entry, record, model_path, secret, refreshed)
                 return CachedSession(session, "hit", "prepared-session cache hit")
@@ -822,6 +830,13 @@ def bundle_hashes(setting: CacheSetting, rehash: bool = False) -> FileHashes | N
     root = default_cache_dir() if setting is True else Path(setting)
     secret = cache_secret(root) if not root.exists() or root.is_dir() else None
     return FileHashes(root / BUNDLE_RECORD, secret) if secret is not None else None
+
+
+def _open_entry(graph: Path, options: Callable[[], ort.SessionOptions]) -> ort.InferenceSession:
+    """An entry's saved graph: optimized already, its pre-packed weights memory-mapped."""
+    so = options()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(graph), so, providers=[PROVIDER])
 
 
 def _plain(model_path: Path, options: Callable[[], ort.SessionOptions]) -> ort.InferenceSession:
