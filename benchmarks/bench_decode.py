@@ -160,16 +160,20 @@ print(json.dumps({"cold_load_s": load_s, "cold_first_token_s": time.perf_counter
 GENAI_SCRIPT = (
     CHILD_COMMON
     + r"""
+import os
 import numpy as np
 import onnxruntime_genai as og
 begin = time.perf_counter()
 model = og.Model(spec["model"])
 load_s = time.perf_counter() - begin
+# sliding-window layers (Gemma 3) refuse a KV buffer shorter than the window
+config = json.load(open(os.path.join(spec["model"], "genai_config.json")))
+window = (config["model"]["decoder"].get("sliding_window") or {}).get("window_size", 0)
 def run(n, prompt):
     begin, count, first = time.perf_counter(), 0, None
     params = og.GeneratorParams(model)
     total = len(prompt) + n
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    params.set_search_options(max_length=max(total, window), min_length=total, do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(np.asarray(prompt, dtype=np.int32))
     while count < n:
@@ -181,7 +185,7 @@ def old_method(n):
     # the method of the table before 2026-11-29: n / (time of the n steps after the
     # first token), one run of n after one warm-up of 4 tokens
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n + 1, do_sample=False)
+    params.set_search_options(max_length=max(len(ids) + n + 1, window), do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(np.asarray(ids, dtype=np.int32))
     gen.generate_next_token()
@@ -366,8 +370,9 @@ def genai_perplexity(model_dir: Path, reference_bundle: Path) -> float:
     """Perplexity of genai's int4 graph on EVAL_TEXT, scored exactly like our bundles.
 
     genai's graph returns logits for every position, so a NumPy loop with onnxruntime
-    scores it: our tokenizer (the same vocabulary), BOS + 511 tokens per window, empty
-    past (its GroupQueryAttention reads the past length from the attention mask).
+    scores it: the reference bundle's tokenizer (the same vocabulary) and BOS rule (BOS +
+    511 tokens per window when the model's tokenizer adds one), empty past (its
+    GroupQueryAttention reads the past length from the attention mask).
     """
     import math
 
@@ -375,7 +380,14 @@ def genai_perplexity(model_dir: Path, reference_bundle: Path) -> float:
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from edge_slm.generation.perplexity import _window_nll, encode_text, read_text, token_windows
+    from edge_slm.bundle import read_bundle
+    from edge_slm.generation.perplexity import (
+        _window_nll,
+        bos_for_scoring,
+        encode_text,
+        read_text,
+        token_windows,
+    )
 
     digest = hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest()
     size = sum(p.stat().st_size for p in model_dir.glob("*.onnx*"))
@@ -390,10 +402,17 @@ def genai_perplexity(model_dir: Path, reference_bundle: Path) -> float:
     tokenizer = Tokenizer.from_file(str(reference_bundle / "tokenizer.json"))
     ids = encode_text(tokenizer, read_text(EVAL_TEXT), 4096)
     decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+    # a past-present shared buffer (genai's default): sliding-window layers need a
+    # capacity of at least the window even when nothing is cached yet
+    capacity = (decoder.get("sliding_window") or {}).get("window_size", 0)
+    empty = np.zeros(
+        (1, decoder["num_key_value_heads"], capacity, decoder["head_size"]), np.float32
+    )
     nll, predicted = 0.0, 0
-    for chunk in token_windows(ids, 512, 1):
+    for chunk in token_windows(ids, 512, bos_for_scoring(read_bundle(reference_bundle))):
         feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk)}
+        if "position_ids" in {i.name for i in session.get_inputs()}:
+            feed["position_ids"] = np.arange(chunk.shape[1], dtype=chunk.dtype)[None]
         feed.update({p.name: empty for p in pasts})
         nll += _window_nll(session.run(["logits"], feed)[0][0], chunk[0])
         predicted += chunk.shape[1] - 1

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -74,6 +75,31 @@ GENAI_PINS = (
     "accelerate==1.15.0",
 )
 BUILDER = ("-m", "onnxruntime_genai.models.builder", "-p", "int4", "-e", "cpu")
+# genai 0.18's Gemma 3 builder reads the transformers 4 config attributes (`rope_theta`,
+# `rope_local_base_freq`, a flat `rope_parameters`), which transformers 5 replaced by one
+# `rope_parameters` entry per layer type: without them it fails (KeyError 'rope_type') or
+# would silently build the global layers with theta 10,000. This shim, run in genai's
+# venv instead of `-m ...builder`, puts the old attributes back from the config's own
+# values for the builder's own reads (transformers loading the weights keeps its config)
+# and then runs the builder unchanged.
+GEMMA3_BUILDER_SHIM = r"""
+import runpy, sys
+import transformers
+load = transformers.AutoConfig.from_pretrained
+def from_pretrained(*args, **kwargs):
+    config = load(*args, **kwargs)
+    if isinstance(config, tuple):  # transformers loading the weights: its own config
+        return config
+    rope = getattr(config, "rope_parameters", None) or {}
+    if config.model_type == "gemma3_text" and "full_attention" in rope:
+        config.rope_theta = rope["full_attention"]["rope_theta"]
+        config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+        config.rope_parameters = dict(rope["full_attention"])
+    return config
+transformers.AutoConfig.from_pretrained = from_pretrained
+sys.argv = ["builder", *sys.argv[1:]]
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
 LLAMA_VERSION = "0.3.36"  # llama-cpp-python; its sdist vendors the llama.cpp we build
 LLAMA_VENV = PEERS / "llama-venv"
 LLAMA_SRC = PEERS / "llama-src"  # the sdist, unpacked: vendor/llama.cpp for llama-server
@@ -261,7 +287,9 @@ def ensure_genai_model(
 ) -> Path:
     """genai's int4 model of ``hf_dir``, written by its builder (offline) when stale."""
     pins = (python.parent.parent / STAMP).read_text(encoding="utf-8")
-    command = [str(python), *BUILDER, "-i", str(hf_dir), "-o", "OUT"]
+    model_type = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
+    builder = ("-c", GEMMA3_BUILDER_SHIM, *BUILDER[2:]) if model_type == "gemma3_text" else BUILDER
+    command = [str(python), *builder, "-i", str(hf_dir), "-o", "OUT"]
     expected = f"{' '.join(command)}\n{pins}source sha256 {_files_sha256(hf_dir)}\n"
     if not rebuild and (out / "genai_config.json").is_file() and _stamp_matches(out, expected):
         return out
