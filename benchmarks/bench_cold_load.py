@@ -75,6 +75,7 @@ timed(files, "sha256_file", "hash_s")
 timed(files, "external_data_files", "graph_walk_s")
 timed(files, "initializer_dims", "graph_walk_s")
 timed(model_module, "load_tokenizer", "tokenizer_s")
+timed(edge_slm, "load_tokenizer", "tokenizer_s")  # parsed while the graph hashes
 timed(ort.InferenceSession, "__init__", "session_s")
 begin = time.perf_counter()
 model = edge_slm.load(spec["model"], threads=spec["threads"], cache=spec["cache"],

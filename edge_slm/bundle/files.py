@@ -11,10 +11,11 @@ import hashlib
 import json
 import mmap
 import os
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from edge_slm.bundle import limits
 from edge_slm.bundle.hash_record import FileHashes
@@ -22,6 +23,7 @@ from edge_slm.bundle.manifest import MANIFEST_FILE, Manifest, check_file_name
 from edge_slm.errors import BundleError, ChecksumError
 
 _HASH_CHUNK = 1 << 22  # 4 MiB
+T = TypeVar("T")
 
 
 class BundleWarning(UserWarning):
@@ -29,11 +31,23 @@ class BundleWarning(UserWarning):
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
+    """Hex sha256 of a file.
+
+    A regular file is hashed in one update over a read-only memory map: no copy into
+    Python buffers, and the GIL released for the whole file, so another thread (the
+    tokenizer's parse, :func:`read_bundle_with`) runs meanwhile. Anything that cannot be
+    mapped (an empty file, a pipe) is read in 4 MiB chunks.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # empty, or not a regular file
+            while chunk := fh.read(_HASH_CHUNK):
+                digest.update(chunk)
+            return digest.hexdigest()
+        with mapped:
+            digest.update(mapped)
     return digest.hexdigest()
 
 
@@ -116,10 +130,18 @@ def verify_checksums(folder: Path, checksums: Any, hashes: FileHashes | None = N
     again. None: every file is hashed.
     """
     checksums = check_checksums(checksums)
+    _check_present(folder, checksums)
+    _verify_files(folder, checksums, hashes)
+
+
+def _check_present(folder: Path, checksums: dict[str, str]) -> None:
     for name in checksums:
         path = _inside(folder, name, "checksum entry")
         if not path.is_file():
             raise ChecksumError(f"bundle file {name!r} is missing")
+
+
+def _verify_files(folder: Path, checksums: dict[str, str], hashes: FileHashes | None) -> None:
     for name, expected in checksums.items():
         path = _inside(folder, name, "checksum entry")
         actual = sha256_file(path) if hashes is None else hashes.sha256(path, expected)
@@ -403,7 +425,37 @@ def read_bundle(
     :class:`BundleWarning`. ``hashes``: see :func:`verify_checksums`; what it hashed is
     saved once every file matched.
     """
-    folder = Path(folder)
+    return _read_bundle(Path(folder), verify, hashes, None)[0]
+
+
+def read_bundle_with(
+    folder: str | Path,
+    prepare: Callable[[Manifest], T],
+    verify: bool = True,
+    hashes: FileHashes | None = None,
+) -> tuple[Manifest, T]:
+    """:func:`read_bundle`, and ``prepare(manifest)`` run while the graph hashes.
+
+    With ``verify``, the tokenizer file is checked first; then the other files (the
+    graph: most of the bytes) are hashed in a background thread while ``prepare`` runs
+    on this one. Hashing releases the GIL (:func:`sha256_file`) and parsing
+    ``tokenizer.json`` holds it, so a cold load's two largest costs before onnxruntime
+    overlap on a second core. ``prepare`` may read the tokenizer file only: nothing else
+    is verified yet. The errors are those of :func:`read_bundle` followed by
+    ``prepare``, in that order: a checksum or external-data error wins over an error of
+    ``prepare``, whose result is then dropped. Without ``verify``, ``prepare`` runs after
+    the other checks. Returns the manifest and what ``prepare`` returned.
+    """
+    manifest, prepared = _read_bundle(Path(folder), verify, hashes, prepare)
+    return manifest, cast(T, prepared)
+
+
+def _read_bundle(
+    folder: Path,
+    verify: bool,
+    hashes: FileHashes | None,
+    prepare: Callable[[Manifest], T] | None,
+) -> tuple[Manifest, T | None]:
     manifest, raw = read_manifest(folder)
     checksums = check_checksums(raw)
     for role, name in manifest.files.items():
@@ -413,9 +465,57 @@ def read_bundle(
             raise ChecksumError(f"bundle {role} file {name!r} is missing")
     _check_sizes(folder, manifest)
     warn_unlisted(folder, checksums)
-    if verify:
+    prepared: T | None = None
+    failure: Exception | None = None
+    if verify and prepare is not None:
+        prepared, failure = _verify_while(folder, manifest, checksums, hashes, prepare)
+    elif verify:
         verify_checksums(folder, checksums, hashes)
-        if hashes is not None:
-            hashes.save()
+    if verify and hashes is not None:
+        hashes.save()
     check_external_data(folder, manifest, checksums)
-    return manifest
+    if prepare is not None and not verify:
+        prepared = prepare(manifest)
+    if failure is not None:
+        raise failure
+    return manifest, prepared
+
+
+def _verify_while(
+    folder: Path,
+    manifest: Manifest,
+    checksums: dict[str, str],
+    hashes: FileHashes | None,
+    prepare: Callable[[Manifest], T],
+) -> tuple[T | None, Exception | None]:
+    """Verify the tokenizer file, then hash the rest in a thread while ``prepare`` runs.
+
+    Returns ``prepare``'s result or its exception (raised by the caller once the other
+    checks passed); a checksum error of any file is raised here. ``hashes`` is used by
+    one thread at a time: this one before the thread starts, the thread until joined.
+    """
+    _check_present(folder, checksums)
+    tokenizer = manifest.files["tokenizer"]
+    _verify_files(folder, {tokenizer: checksums[tokenizer]}, hashes)
+    rest = {name: digest for name, digest in checksums.items() if name != tokenizer}
+    errors: list[BaseException] = []
+
+    def verify_rest() -> None:
+        try:
+            _verify_files(folder, rest, hashes)
+        except BaseException as exc:  # handed to the loading thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=verify_rest, name="edge-slm-verify", daemon=True)
+    worker.start()
+    prepared: T | None = None
+    failure: Exception | None = None
+    try:
+        prepared = prepare(manifest)
+    except Exception as exc:  # raised after the checksums, which take precedence
+        failure = exc
+    finally:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return prepared, failure

@@ -46,8 +46,16 @@ class TextGenerator:
     """
 
     def __init__(
-        self, folder: Path, manifest: Manifest, options: LoadOptions | None = None
+        self,
+        folder: Path,
+        manifest: Manifest,
+        options: LoadOptions | None = None,
+        *,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
+        """``tokenizer``: the bundle's tokenizer when the caller parsed it already
+        (:func:`edge_slm.load` does while the graph's checksum is computed); None: parse
+        it here."""
         start = time.perf_counter()
         assert manifest.decoder is not None  # guaranteed by Manifest validation
         options = options or LoadOptions()
@@ -55,7 +63,9 @@ class TextGenerator:
         self.manifest = manifest
         # The tokenizer first: parsing tokenizer.json frees heap that the session then
         # reuses; loaded after the session it left ~19 MiB more peak RSS (SmolLM2).
-        self.tokenizer: Tokenizer = load_tokenizer(folder / manifest.files["tokenizer"])
+        if tokenizer is None:
+            tokenizer = load_tokenizer(folder / manifest.files["tokenizer"])
+        self.tokenizer: Tokenizer = tokenizer
         self.decoder: Decoder = open_decoder(
             folder / manifest.files["model"], manifest.decoder, options
         )

@@ -1,0 +1,121 @@
+"""Cold load: the tokenizer parsed while the graph hashes (read_bundle_with), and sha256_file."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import edge_slm
+from edge_slm.bundle import Manifest, files, read_bundle, sha256_file
+from edge_slm.bundle.files import read_bundle_with
+from edge_slm.generation.model import TextGenerator
+
+
+@pytest.fixture()
+def bundle_copy(bundles: dict[str, Path], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundles["llama"], tmp_path / "bundle"))
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    odd = tmp_path / "odd"
+    data = bytes(range(256)) * (5 * 4096 + 3)  # > 4 MiB, not a whole number of pages
+    odd.write_bytes(data)
+    assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+    assert sha256_file(odd) == hashlib.sha256(data).hexdigest()
+
+
+def test_sha256_file_reads_what_cannot_be_mapped() -> None:
+    # a character device cannot be memory-mapped: read in chunks instead
+    assert sha256_file(Path("/dev/null")) == hashlib.sha256(b"").hexdigest()
+
+
+def _trace_hashing(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(event, thread name) in order: every file hashed, and the call of ``prepare``."""
+    events: list[tuple[str, str]] = []
+    real = files.sha256_file
+
+    def traced(path: Path) -> str:
+        digest = real(path)
+        events.append((f"hash {path.name}", threading.current_thread().name))
+        return digest
+
+    monkeypatch.setattr(files, "sha256_file", traced)
+    return events
+
+
+def test_the_graph_hashes_in_another_thread_while_prepare_runs(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = _trace_hashing(monkeypatch)
+    main = threading.current_thread().name
+
+    def prepare(manifest: Manifest) -> str:
+        events.append(("prepare", threading.current_thread().name))
+        return manifest.files["tokenizer"]
+
+    manifest, prepared = read_bundle_with(bundle_copy, prepare)
+    # the tokenizer is verified on this thread before prepare reads it, the graph on
+    # the verifying thread, each once
+    assert events[0] == ("hash tokenizer.json", main)
+    assert sorted(events[1:]) == [("hash model.onnx", "edge-slm-verify"), ("prepare", main)]
+    assert prepared == "tokenizer.json"
+    assert manifest == read_bundle(bundle_copy)
+
+
+def test_without_verify_nothing_is_hashed(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = _trace_hashing(monkeypatch)
+    manifest, prepared = read_bundle_with(bundle_copy, lambda m: m.task, verify=False)
+    assert prepared == "text-generation" and manifest.task == "text-generation"
+    assert events == []
+
+
+def test_a_corrupt_graph_wins_over_an_error_of_prepare(bundle_copy: Path) -> None:
+    model = bundle_copy / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+
+    def failing(manifest: Manifest) -> None:
+        raise edge_slm.BundleError("prepare failed")
+
+    with pytest.raises(edge_slm.ChecksumError, match="'model.onnx' is corrupt"):
+        read_bundle_with(bundle_copy, failing)
+    with pytest.raises(edge_slm.ChecksumError, match="'model.onnx' is corrupt"):
+        read_bundle_with(bundle_copy, lambda m: m.task)
+
+
+def test_an_error_of_prepare_is_raised_once_the_files_match(bundle_copy: Path) -> None:
+    def failing(manifest: Manifest) -> None:
+        raise edge_slm.BundleError("prepare failed")
+
+    with pytest.raises(edge_slm.BundleError, match="prepare failed"):
+        read_bundle_with(bundle_copy, failing)
+
+
+def test_a_corrupt_tokenizer_is_never_handed_to_prepare(bundle_copy: Path) -> None:
+    path = bundle_copy / "tokenizer.json"
+    path.write_text(path.read_text().replace('"<|im_end|>"', '"<|im_stop|>"', 1))
+    called: list[Any] = []
+    with pytest.raises(edge_slm.ChecksumError, match="tokenizer.json"):
+        read_bundle_with(bundle_copy, called.append)
+    assert called == []
+
+
+def test_load_generates_as_a_generator_that_parses_its_own_tokenizer(bundle_copy: Path) -> None:
+    loaded = edge_slm.load(bundle_copy, cache=False)
+    assert isinstance(loaded, TextGenerator)
+    plain = TextGenerator(bundle_copy, read_bundle(bundle_copy))
+    assert loaded.tokenizer.to_str() == plain.tokenizer.to_str()
+    prompt = [{"role": "user", "content": "Hello there"}]
+    ours = loaded.chat(prompt, max_new_tokens=8, temperature=0.0)
+    theirs = plain.chat(prompt, max_new_tokens=8, temperature=0.0)
+    assert ours.token_ids == theirs.token_ids and ours.text == theirs.text
