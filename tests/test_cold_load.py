@@ -13,6 +13,7 @@ import pytest
 import edge_slm
 from edge_slm.bundle import Manifest, files, read_bundle, sha256_file
 from edge_slm.bundle.files import read_bundle_with
+from edge_slm.bundle.hash_record import FileHashes
 from edge_slm.generation.model import TextGenerator
 
 
@@ -76,6 +77,19 @@ def test_without_verify_nothing_is_hashed(
     manifest, prepared = read_bundle_with(bundle_copy, lambda m: m.task, verify=False)
     assert prepared == "text-generation" and manifest.task == "text-generation"
     assert events == []
+
+
+def test_with_hash_records_prepare_runs_after_the_checks(
+    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # signed records (the prepared-session cache on): nothing to overlap, no thread
+    def no_overlap(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("no verifying thread expected")
+
+    monkeypatch.setattr(files, "_verify_while", no_overlap)
+    hashes = FileHashes(tmp_path / "records.json", b"k" * 32)
+    manifest, prepared = read_bundle_with(bundle_copy, lambda m: m.task, hashes=hashes)
+    assert prepared == "text-generation" and manifest.task == "text-generation"
 
 
 def test_a_corrupt_graph_wins_over_an_error_of_prepare(bundle_copy: Path) -> None:

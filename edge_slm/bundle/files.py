@@ -436,15 +436,16 @@ def read_bundle_with(
 ) -> tuple[Manifest, T]:
     """:func:`read_bundle`, and ``prepare(manifest)`` run while the graph hashes.
 
-    With ``verify``, the tokenizer file is checked first; then the other files (the
-    graph: most of the bytes) are hashed in a background thread while ``prepare`` runs
-    on this one. Hashing releases the GIL (:func:`sha256_file`) and parsing
-    ``tokenizer.json`` holds it, so a cold load's two largest costs before onnxruntime
-    overlap on a second core. ``prepare`` may read the tokenizer file only: nothing else
-    is verified yet. The errors are those of :func:`read_bundle` followed by
-    ``prepare``, in that order: a checksum or external-data error wins over an error of
-    ``prepare``, whose result is then dropped. Without ``verify``, ``prepare`` runs after
-    the other checks. Returns the manifest and what ``prepare`` returned.
+    With ``verify`` and no ``hashes``, the tokenizer file is checked first; then the
+    other files (the graph: most of the bytes) are hashed in a background thread while
+    ``prepare`` runs on this one. Hashing releases the GIL (:func:`sha256_file`) and
+    parsing ``tokenizer.json`` holds it, so a cold load's two largest costs before
+    onnxruntime overlap on a second core. ``prepare`` may read the tokenizer file only:
+    nothing else is verified yet. With ``hashes`` (signed records: recorded files are
+    not read at all) or without ``verify``, ``prepare`` simply runs after the checks.
+    The errors are those of :func:`read_bundle` followed by ``prepare``'s, in that
+    order: a checksum or external-data error wins over an error of ``prepare``, whose
+    result is then dropped. Returns the manifest and what ``prepare`` returned.
     """
     manifest, prepared = _read_bundle(Path(folder), verify, hashes, prepare)
     return manifest, cast(T, prepared)
@@ -467,14 +468,16 @@ def _read_bundle(
     warn_unlisted(folder, checksums)
     prepared: T | None = None
     failure: Exception | None = None
-    if verify and prepare is not None:
-        prepared, failure = _verify_while(folder, manifest, checksums, hashes, prepare)
+    overlap = verify and prepare is not None and hashes is None
+    if overlap:
+        assert prepare is not None
+        prepared, failure = _verify_while(folder, manifest, checksums, prepare)
     elif verify:
         verify_checksums(folder, checksums, hashes)
     if verify and hashes is not None:
         hashes.save()
     check_external_data(folder, manifest, checksums)
-    if prepare is not None and not verify:
+    if prepare is not None and not overlap:
         prepared = prepare(manifest)
     if failure is not None:
         raise failure
@@ -485,24 +488,22 @@ def _verify_while(
     folder: Path,
     manifest: Manifest,
     checksums: dict[str, str],
-    hashes: FileHashes | None,
     prepare: Callable[[Manifest], T],
 ) -> tuple[T | None, Exception | None]:
     """Verify the tokenizer file, then hash the rest in a thread while ``prepare`` runs.
 
     Returns ``prepare``'s result or its exception (raised by the caller once the other
-    checks passed); a checksum error of any file is raised here. ``hashes`` is used by
-    one thread at a time: this one before the thread starts, the thread until joined.
+    checks passed); a checksum error of any file is raised here.
     """
     _check_present(folder, checksums)
     tokenizer = manifest.files["tokenizer"]
-    _verify_files(folder, {tokenizer: checksums[tokenizer]}, hashes)
+    _verify_files(folder, {tokenizer: checksums[tokenizer]}, None)
     rest = {name: digest for name, digest in checksums.items() if name != tokenizer}
     errors: list[BaseException] = []
 
     def verify_rest() -> None:
         try:
-            _verify_files(folder, rest, hashes)
+            _verify_files(folder, rest, None)
         except BaseException as exc:  # handed to the loading thread
             errors.append(exc)
 
