@@ -15,6 +15,12 @@ so the prompt and per-call costs cancel; and a PREFILL-token prompt + 1 token. P
 one line per process, the medians, the per-round ratio folded / offsets (both processes
 of a round saw about the same load: on a shared machine the ratios are the figure to
 trust), whether both variants chose the same tokens, and the load average.
+
+Then ``--pairs`` paired runs in one more fresh process that opens both entries: the
+decode rate and process CPU time per token of each variant measured alternately (ABBA
+order), so a burst of load from other jobs falls on both; prints the medians and the
+median of the per-pair ratios (with ``--threads 1`` the CPU time is the work a token
+takes, whatever the load; with 2 threads it also counts onnxruntime's spinning).
 """
 
 from __future__ import annotations
@@ -56,6 +62,54 @@ print(json.dumps({"load_s": load_s, "session": model.decoder.session_source,
 """
 
 
+PAIRED = r"""
+import json, os, sys, time
+import edge_slm
+spec = json.loads(sys.argv[1])
+models = {}
+for variant, cache in spec["caches"].items():
+    os.environ["EDGE_SLM_BLOCK_OFFSETS"] = "1" if variant == "folded" else "0"  # in the key
+    models[variant] = edge_slm.load(spec["bundle"], threads=spec["threads"], cache=cache)
+    assert models[variant].decoder.session_source == "prepared-session cache hit"
+ids = list(range(100, 132))
+def rate(model):
+    ban = {t: float("-inf") for t in model.manifest.special_tokens.eos_token_ids}
+    wall, cpu = [], []
+    for n in (spec["short"], spec["long"]):
+        begin, begin_cpu = time.perf_counter(), time.process_time()
+        for _ in model.generate_tokens(ids, max_new_tokens=n, temperature=0.0, logit_bias=ban):
+            pass
+        wall.append(time.perf_counter() - begin)
+        cpu.append(time.process_time() - begin_cpu)
+    tokens = spec["long"] - spec["short"]
+    return {"tok_s": tokens / (wall[1] - wall[0]), "cpu_ms": 1e3 * (cpu[1] - cpu[0]) / tokens}
+for model in models.values():
+    rate(model)  # warm-up
+pairs = []
+for index in range(spec["pairs"]):
+    order = list(models) if index % 2 == 0 else list(models)[::-1]
+    pairs.append({variant: rate(models[variant]) for variant in order})
+print(json.dumps(pairs))
+"""
+
+
+def paired(caches: Path, args: argparse.Namespace) -> list[dict[str, dict[str, float]]]:
+    spec = {
+        "bundle": str(args.bundle),
+        "threads": args.threads,
+        "caches": {v: str(caches / v) for v in VARIANTS},
+        "short": args.short_tokens,
+        "long": args.new_tokens,
+        "pairs": args.pairs,
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PAIRED, json.dumps(spec)], capture_output=True, text=True
+    )
+    if out.returncode:
+        raise SystemExit(f"paired process failed:\n{out.stderr[-2000:]}")
+    return list(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def child(variant: str, caches: Path, args: argparse.Namespace) -> dict[str, object]:
     env = {**os.environ, "EDGE_SLM_BLOCK_OFFSETS": "1" if variant == "folded" else "0"}
     spec = {
@@ -89,6 +143,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=130)
     parser.add_argument("--short-tokens", type=int, default=2)
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--pairs", type=int, default=10, help="paired runs (0: none)")
     args = parser.parse_args()
     print(f"load average at the start: {load_average()}")
     with tempfile.TemporaryDirectory(prefix="bench-block-offsets-") as tmp:
@@ -107,6 +162,7 @@ def main() -> int:
                     f"  prefill {result['prefill_s']:.3f} s  load {result['load_s']:.3f} s"
                     f"  ({result['session']}; load average {load_average()})"
                 )
+        pairs = paired(caches, args) if args.pairs else []
     for key, unit in (("decode_tok_s", "tok/s"), ("prefill_s", "s"), ("load_s", "s")):
         medians = {v: statistics.median(float(r[key]) for r in runs[v]) for v in VARIANTS}  # type: ignore[arg-type]
         ratios = [
@@ -122,6 +178,16 @@ def main() -> int:
         f["tokens"] == o["tokens"] for f, o in zip(runs["folded"], runs["offsets"], strict=True)
     )
     print(f"greedy tokens equal in every round: {same}")
+    if pairs:
+        for key, what in (("tok_s", "decode tok/s"), ("cpu_ms", "process CPU ms per token")):
+            ratios = [p["folded"][key] / p["offsets"][key] for p in pairs]
+            print(
+                f"paired {what} ({len(pairs)} pairs, one process):"
+                f" folded {statistics.median(p['folded'][key] for p in pairs):.2f},"
+                f" offsets {statistics.median(p['offsets'][key] for p in pairs):.2f};"
+                f" folded/offsets per pair {', '.join(f'{r:.2f}' for r in ratios)}"
+                f" (median {statistics.median(ratios):.3f})"
+            )
     print(f"load average at the end: {load_average()}")
     return 0
 

@@ -96,7 +96,7 @@ def unsupported() -> str:
 # The saved graph is read with prepared_cache's protobuf walker (the runtime does not
 # depend on onnx). NodeProto: input 1, output 2, name 3, op_type 4, attribute 5, domain
 # 7; AttributeProto: name 1, i 3; TensorProto: dims 1, data_type 2, name 8, raw_data 9,
-# external_data 13; GraphProto: node 1, initializer 5, value_info 13.
+# external_data 13; GraphProto: node 1, initializer 5, output 12, value_info 13.
 
 
 @dataclass
@@ -244,7 +244,7 @@ def _find(nodes: list[_Node], inits: dict[str, _Tensor], outputs: set[str]) -> l
         if mm_index is None or len(consumers.get(other, [])) != 1 or other in outputs:
             continue
         matmul = nodes[mm_index]
-        if matmul.op != "MatMul" or matmul.domain not in ("", "ai.onnx"):
+        if matmul.op != "MatMul" or matmul.domain not in ("", "ai.onnx") or len(matmul.inputs) != 2:
             continue
         sums, offsets = matmul.inputs
         k, n, block = node.ints.get("K", 0), node.ints.get("N", 0), node.ints.get("block_size", 0)

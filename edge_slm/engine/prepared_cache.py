@@ -16,7 +16,9 @@ Two repairs of what onnxruntime (1.31) saves: it page-aligns only blobs over 1 M
 and a smaller pre-packed blob at an odd offset crashed a kernel that loads it with
 aligned AVX-512 instructions (the gguf bundle, SIGSEGV), so :func:`align_external_data`
 moves every blob that is not 64-byte aligned (onnxruntime's allocator alignment) to an
-aligned offset; and after a hit :func:`release_file_pages` unmaps the originals that
+aligned offset; the exact GGUF graphs' block offsets are folded into their pre-packed
+weights where :mod:`edge_slm.engine.block_offsets` can verify it (fewer nodes, faster
+decode; else the entry keeps the bundle's offset nodes); and after a hit :func:`release_file_pages` unmaps the originals that
 onnxruntime only reads while creating the session (-20 MiB peak RSS).
 
 **Key.** An entry is used only if every field that changes what is saved matches:
@@ -24,8 +26,9 @@ the graph's sha256 (from the bundle manifest, which :func:`edge_slm.load` checke
 ``verify=True``; not re-hashed here), the onnxruntime version and build, the graph
 optimization level, the execution provider, the CPU (``platform.machine()`` plus a hash
 of the ``flags``/``Features`` line of ``/proc/cpuinfo``, else ``platform.processor()``:
-a graph saved above ORT_ENABLE_EXTENDED may hold optimizations for this CPU only) and
-this module's format version. The key is content-derived: the same bundle unpacked to a
+a graph saved above ORT_ENABLE_EXTENDED may hold optimizations for this CPU only),
+whether block offsets may be folded (``EDGE_SLM_BLOCK_OFFSETS``) and this module's
+format version. The key is content-derived: the same bundle unpacked to a
 new folder hits the same entry. When the caller cannot vouch for the sha256 (a graph
 opened directly, ``verify=False``), the model file's resolved path, size and mtime join
 the key (a file changed under a stale manifest misses). The entry's folder name is an
