@@ -159,6 +159,15 @@ bench-train: demo
 	    --no-few-shot --json .cache/bench-train/results-int8.json
 	$(PY) benchmarks/bench_zero_shot.py -n 200 --classifiers bundles/sentiment-int8
 
+# Gemma 3 270M from its packaged Q4_K_M GGUF: our exact and small transcodings against
+# onnxruntime-genai's int4 (built from the de-quantized weights) and llama.cpp
+# (llama-cpp-python and llama-bench) on the same file, by make bench's method; perplexity
+# of each on the same token ids. Builds the missing bundles and peers; writes
+# docs/performance-gemma3.md (+ .json).
+.PHONY: bench-gemma3
+bench-gemma3: setup $(ASSETS)/.gemma3
+	$(PY) benchmarks/bench_gemma3.py
+
 # The peers alone (idempotent): bundles/smollm2-hf, .cache/peers/genai-venv, its model,
 # llama-cpp-python's venv and llama.cpp's llama-server (`--only genai` or `--only llama`).
 peers: setup $(ASSETS)/.smollm2
