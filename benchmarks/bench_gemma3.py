@@ -138,6 +138,15 @@ def file_mib(name: str, peer: dict[str, Any]) -> float:
     return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 2**20
 
 
+def weight_mb_per_token(name: str, peer: dict[str, Any]) -> float:
+    """MB of weights one decode step reads (bench_decode's rule: a table only looked up
+    counts one row; Gemma's tied table is also the lm_head, so it counts whole)."""
+    if name in (LLAMA_PY, LLAMA_BENCH):
+        return bd._gguf_bytes_per_token(GGUF) / 1e6
+    folder = GENAI_MODEL if name == GENAI else peer["bundles"][name]
+    return bd._onnx_bytes_per_token(folder / "model.onnx") / 1e6
+
+
 def table(
     results: dict[str, list[dict[str, float]]],
     ppl: dict[str, float],
@@ -153,8 +162,9 @@ def table(
     lines = [
         f"| engine | file MiB | perplexity | vs llama.cpp's perplexity | load s | first token ms "
         f"| prefill {prefill} tok/s | decode tok/s | x llama-bench (rounds) | "
-        "x llama-cpp-python (rounds) | x genai (rounds) | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "x llama-cpp-python (rounds) | x genai (rounds) | peak RSS MiB | weights MB read "
+        "per token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
         rates = [bd._prefill_rate(r, prefill) for r in runs]
@@ -172,6 +182,7 @@ def table(
             bd._rounds(runs, results.get(LLAMA_PY), "decode_tokens_per_s"),
             bd._rounds(runs, results.get(GENAI), "decode_tokens_per_s"),
             f"{bd._median(runs, 'peak_rss_bytes') / 2**20:.0f}",
+            f"{weight_mb_per_token(name, peer):.1f}",
         ]
         lines.append("| " + " | ".join(cells).replace("n/a%", "n/a") + " |")
     return "\n".join(lines) + "\n"
