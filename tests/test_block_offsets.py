@@ -273,3 +273,25 @@ def test_folded_node_is_int8_activations_times_the_exact_weights(
         assert np.abs(offsets - ref).max() > 10 * np.abs(got - ref).max()
         exact = x.astype(np.float64) @ weights.T
         assert np.abs(got - exact).max() < 2 * np.abs(offsets - exact).max()
+
+
+@needs_layout
+def test_a_node_without_a_verified_layout_keeps_its_offset_nodes(
+    gguf_bundle: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepare = block_offsets._prepare
+    seen: list[int] = []
+
+    def all_but_the_first(fold: Any, *args: Any) -> str:
+        seen.append(fold.nbits)
+        return "refused by the test" if len(seen) == 1 else prepare(fold, *args)
+
+    monkeypatch.setattr(block_offsets, "_prepare", all_but_the_first)
+    bundle = gguf_bundle[1]
+    model = _load(bundle, tmp_path, monkeypatch, fold=True)
+    assert model.decoder.session_source.endswith("block offsets folded into 4 MatMulNBits")
+    assert _offset_terms(_entry(tmp_path) / GRAPH_FILE) == 1
+    offsets = _load(bundle, False, monkeypatch, fold=True)
+    ids = np.asarray([PROMPT], dtype=np.int64)
+    ref = offsets.decoder.all_logits(ids)
+    assert np.abs(model.decoder.all_logits(ids) - ref).max() < 0.05 * float(np.abs(ref).max())
