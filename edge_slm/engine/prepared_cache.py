@@ -16,10 +16,12 @@ Two repairs of what onnxruntime (1.31) saves: it page-aligns only blobs over 1 M
 and a smaller pre-packed blob at an odd offset crashed a kernel that loads it with
 aligned AVX-512 instructions (the gguf bundle, SIGSEGV), so :func:`align_external_data`
 moves every blob that is not 64-byte aligned (onnxruntime's allocator alignment) to an
-aligned offset; the exact GGUF graphs' block offsets are folded into their pre-packed
-weights where :mod:`edge_slm.engine.block_offsets` can verify it (fewer nodes, faster
-decode; else the entry keeps the bundle's offset nodes); and after a hit :func:`release_file_pages` unmaps the originals that
-onnxruntime only reads while creating the session (-20 MiB peak RSS).
+aligned offset; and after a hit :func:`release_file_pages` unmaps the originals that
+onnxruntime only reads while creating the session (-20 MiB peak RSS). One rewrite: the
+exact GGUF graphs' block offsets are folded into their pre-packed weights where
+:mod:`edge_slm.engine.block_offsets` can verify it (fewer nodes, faster decode; else
+the entry keeps the bundle's offset nodes); the first load then returns the session of
+the rewritten entry instead of the one that built it.
 
 **Key.** An entry is used only if every field that changes what is saved matches:
 the graph's sha256 (from the bundle manifest, which :func:`edge_slm.load` checked with
