@@ -213,7 +213,8 @@ class _Fold:
     offsets: str  # the [K/b, N] initializer
     blob: tuple[int, int] = (0, 0)  # BlkSum's offset and length in model.data
     patched: bytes = b""
-    terms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # codes, scales, offsets
+    scales: np.ndarray | None = None  # [N, K/b], for the probe
+    shifts: np.ndarray | None = None  # [N, K/b] M - zp * scale, for the probe
 
 
 def _find(nodes: list[_Node], inits: dict[str, _Tensor], outputs: set[str]) -> list[_Fold]:
@@ -360,18 +361,20 @@ def _prepare(fold: _Fold, nodes: list[_Node], inits: dict[str, _Tensor], data: _
     offsets = data.array(inits[fold.offsets], np.float32)  # [K/b, N]
     fold.patched = (stored + _interleave(np.ascontiguousarray(offsets.T))).tobytes()
     fold.blob = (offset + start, expected.nbytes)
-    # W[n, k] = codes * scale + (M - zp * scale) per block (float64 in the probe)
-    fold.terms = (data.array(b, np.uint8), scales, offsets.T - zp * scales)
+    # W[n, k] = codes * scale + (M - zp * scale) per block (the codes read by the probe)
+    fold.scales, fold.shifts = scales, offsets.T - zp * scales
     return ""
 
 
-def _reference(fold: _Fold, node: _Node, ints: np.ndarray, powers: np.ndarray) -> np.ndarray:
+def _reference(
+    fold: _Fold, node: _Node, packed: np.ndarray, ints: np.ndarray, powers: np.ndarray
+) -> np.ndarray:
     """``x @ W.T`` and a bound of ``|x| @ |W|.T`` (``[2, rows, N]`` float64) for
     ``x = ints * powers`` (``[rows, K/b, b]`` integers, ``[rows, K/b, 1]`` powers of two)
     and ``W = codes * scale + (M - zp * scale)`` per block: the block dot products of
     integers are exact in fp32 (below 2^24)."""
-    assert fold.terms is not None
-    packed, scales, shifts = fold.terms  # [N, K/b] scales and shifts
+    scales, shifts = fold.scales, fold.shifts  # [N, K/b]
+    assert scales is not None and shifts is not None
     n, bits = node.ints["N"], node.ints["bits"]
     nb, block = scales.shape[1], ints.shape[2]
     codes = _codes(packed, bits, n, nb * block).reshape(n, nb, block)
@@ -511,10 +514,10 @@ def _exact_inputs(
 
 
 def _probe(
-    folder: Path, model: bytes, nodes: list[_Node], inits: dict[str, _Tensor], folds: list[_Fold]
+    data: _Data, model: bytes, nodes: list[_Node], inits: dict[str, _Tensor], folds: list[_Fold]
 ) -> str:
     """Run the folded nodes on exact-quantizing inputs; "" if each is ``x @ W``."""
-    path = folder / PROBE_FILE
+    path = data.path.parent / PROBE_FILE
     path.write_bytes(_probe_model(model, nodes, inits, folds))
     try:
         so = ort.SessionOptions()
@@ -538,7 +541,8 @@ def _probe(
                 outputs[i].append(y)
             first += rows
         for fold, got, (ints, powers) in zip(folds, outputs, inputs, strict=True):
-            ref, bound = _reference(fold, nodes[fold.nbits], ints, powers)
+            packed = data.array(inits[nodes[fold.nbits].inputs[1]], np.uint8)  # MatMulNBits B
+            ref, bound = _reference(fold, nodes[fold.nbits], packed, ints, powers)
             error = float(np.abs(np.concatenate(got) - ref).max() / bound.max())
             if not error <= _TOLERANCE:
                 return f"{nodes[fold.nbits].outputs[0]}: {error:.1e} of |x||W| off x @ W"
@@ -597,7 +601,7 @@ def fold_block_offsets(
                 originals.append((offset, file.read(length)))
                 file.seek(offset)
                 file.write(fold.patched)
-        problem = _probe(folder, model, nodes, inits, kept)
+        problem = _probe(data, model, nodes, inits, kept)
         if problem:
             raise ValueError(f"probe mismatch at {problem}")
         graph_path.write_bytes(_rewrite(model, nodes, kept, outputs))
