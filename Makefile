@@ -133,6 +133,14 @@ bench: setup $(ASSETS)/.smollm2
 bench-quick: setup $(ASSETS)/.smollm2
 	$(PY) benchmarks/bench_decode.py --quick
 
+# Start-up of SmolLM2 bundles without the prepared-session cache (cold), without checksums
+# and from the cache (warm), against genai's og.Model and og.Model + og.Tokenizer: a fresh
+# process per engine and round, 5 rotated rounds, medians and per-round ratios; prints the
+# table (docs/performance.md, "Cold start-up"). Measuring: about 1 minute on 2 cores.
+.PHONY: bench-cold
+bench-cold: setup $(ASSETS)/.smollm2
+	$(PY) benchmarks/bench_cold_load.py
+
 # Concurrent clients (1, 2, 4, 8 streamed chat requests of 128 tokens) against
 # `edge-slm serve` and llama.cpp's servers on the same GGUF, 3 interleaved rounds of fresh
 # servers (measuring: 4.3 minutes on 2 cores, measured 2026-11-29; the first run

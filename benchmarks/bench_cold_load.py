@@ -1,6 +1,7 @@
 """Start-up of SmolLM2-135M: edge-slm without and with the prepared-session cache vs genai.
 
-Usage (from the repository root; genai's venv and model come from ``benchmarks/peers.py``):
+Usage: ``make bench-cold``, or from the repository root (genai's venv and model come
+from ``benchmarks/peers.py``; missing bundles of ``make bench`` are built first):
 
     .venv/bin/python benchmarks/bench_cold_load.py [--rounds 5] [--threads 2]
         [--bundles bundles/smollm2-fused-int4-search ...] [--no-genai]
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import peers  # benchmarks/peers.py: genai's venv and model
-from bench_decode import prompt_ids
+from bench_decode import VARIANTS, ensure_bundles, prompt_ids
 from peers import ROOT
 
 BUNDLES = (
@@ -220,6 +221,10 @@ def main() -> int:
     parser.add_argument("--raw-json", type=Path, help="also write every run's numbers here")
     args = parser.parse_args()
     args.bundles = [b.resolve() for b in args.bundles]
+    # make bench's variants are built when missing (offline, from the GGUF)
+    ensure_bundles(
+        {n: v for n, v in VARIANTS.items() if v[0].resolve() in args.bundles}, False, False
+    )
     args.genai_python = args.genai_model = None
     if not args.no_genai:
         try:
