@@ -133,3 +133,93 @@ def test_load_generates_as_a_generator_that_parses_its_own_tokenizer(bundle_copy
     ours = loaded.chat(prompt, max_new_tokens=8, temperature=0.0)
     theirs = plain.chat(prompt, max_new_tokens=8, temperature=0.0)
     assert ours.token_ids == theirs.token_ids and ours.text == theirs.text
+
+
+def _external(tensor: Any, location: str) -> Any:
+    """Mark ``tensor`` as stored in ``location`` (with an offset entry that must be ignored)."""
+    from onnx import TensorProto
+
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def _model_with_external_data_everywhere() -> Any:
+    """A ModelProto with an external-data location in every place one can sit."""
+    from onnx import TensorProto, helper
+
+    def tensor(name: str, location: str) -> Any:
+        return _external(helper.make_tensor(name, TensorProto.FLOAT, [1], [0.0]), location)
+
+    def constant(output: str, location: str) -> Any:
+        return helper.make_node("Constant", [], [output], value=tensor(output, location))
+
+    then_graph = helper.make_graph(
+        [constant("t", "then.bin")], "then", [], [helper.make_tensor_value_info("t", 1, [1])]
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["e0"], ["t"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("t", 1, [1])],
+        initializer=[tensor("e0", "else.bin")],
+    )
+    branch = helper.make_node("If", ["c"], ["y"], then_branch=then_graph, else_branch=else_graph)
+    listed = helper.make_node(
+        "Custom", [], ["z"], domain="test.domain", tensors=[tensor("l", "list.bin")]
+    )
+    sparse = helper.make_sparse_tensor(
+        tensor("s_values", "sparse.bin"),
+        helper.make_tensor("s_indices", TensorProto.INT64, [1], [0]),
+        [4],
+    )
+    graph = helper.make_graph(
+        [constant("c0", "const.bin"), branch, listed],
+        "main",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", 1, [1])],
+        initializer=[tensor("w", "w.bin")],
+        sparse_initializer=[sparse],
+    )
+    function = helper.make_function(
+        "test.domain",
+        "F",
+        [],
+        ["f"],
+        [constant("f", "function.bin")],
+        [helper.make_opsetid("", 18)],
+    )
+    return helper.make_model(graph, functions=[function])
+
+
+def test_external_data_locations_are_found_everywhere_onnx_finds_them() -> None:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    model = _model_with_external_data_everywhere()
+    found = sorted(set(files._locations(memoryview(model.SerializeToString()))))
+    expected = ["const.bin", "else.bin", "function.bin", "list.bin", "sparse.bin", "then.bin"]
+    assert found == sorted([*expected, "w.bin"])
+    # onnx's own walk (graphs, subgraphs, attributes; not sparse tensors or functions)
+    by_onnx = {
+        entry.value
+        for t in _get_all_tensors(model)
+        if uses_external_data(t)
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    assert by_onnx and by_onnx <= set(found)
+
+
+def test_a_truncated_graph_is_a_value_error_at_every_cut() -> None:
+    # a cut inside a field is a ValueError (external_data_files makes it a BundleError),
+    # never an IndexError; a cut between two top-level fields leaves a shorter model
+    data = _model_with_external_data_everywhere().SerializeToString()
+    refused = 0
+    for cut in range(1, len(data)):
+        try:
+            files._locations(memoryview(data[:cut]))
+        except ValueError:
+            refused += 1
+    assert refused >= len(data) - 10

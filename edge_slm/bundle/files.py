@@ -243,22 +243,33 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _submessages(buf: memoryview, want: int) -> Iterator[memoryview]:
+def _fields(buf: memoryview, wanted: frozenset[int]) -> Iterator[tuple[int, memoryview]]:
+    """(number, bytes) of each length-delimited field of ``buf`` numbered in ``wanted``,
+    in order; every other field is skipped. One pass whatever ``wanted`` holds; a tag
+    or length below 128 (nearly all of them) is read without a call."""
     pos, end = 0, len(buf)
     while pos < end:
-        tag, pos = _varint(buf, pos)
-        field, wire = tag >> 3, tag & 7
-        if wire == 0:
+        tag = buf[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(buf, pos)
+        wire = tag & 7
+        if wire == 2:
+            if pos < end and buf[pos] < 0x80:
+                length = buf[pos]
+                pos += 1
+            else:
+                length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise ValueError("truncated protobuf message")
+            if tag >> 3 in wanted:
+                yield tag >> 3, buf[pos : pos + length]
+            pos += length
+        elif wire == 0:
             _, pos = _varint(buf, pos)
         elif wire == 1:
             pos += 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > end:
-                raise ValueError("truncated protobuf message")
-            if field == want:
-                yield buf[pos : pos + length]
-            pos += length
         elif wire == 5:
             pos += 4
         else:
@@ -267,50 +278,73 @@ def _submessages(buf: memoryview, want: int) -> Iterator[memoryview]:
         raise ValueError("truncated protobuf message")
 
 
+def _submessages(buf: memoryview, want: int) -> Iterator[memoryview]:
+    for _, sub in _fields(buf, frozenset((want,))):
+        yield sub
+
+
+_TENSOR_EXTERNAL = frozenset((13,))  # TensorProto.external_data
+_ENTRY = frozenset((1, 2))  # StringStringEntryProto key / value
+_SPARSE = frozenset((1, 2))  # SparseTensorProto values / indices
+_NODE = frozenset((5,))  # NodeProto.attribute
+# AttributeProto: t (5) / tensors (10), sparse_tensor (22) / sparse_tensors (23),
+# g (6) / graphs (11): If / Loop / Scan bodies
+_ATTRIBUTE = frozenset((5, 10, 22, 23, 6, 11))
+_GRAPH = frozenset((5, 15, 1))  # GraphProto initializer, sparse_initializer, node
+_MODEL = frozenset((7, 25))  # ModelProto graph, functions
+_FUNCTION = frozenset((7,))  # FunctionProto.node
+
+
 def _tensor_locations(tensor: memoryview, names: list[str]) -> None:
-    for entry in _submessages(tensor, 13):
-        key = b"".join(bytes(k) for k in _submessages(entry, 1))
+    for _, entry in _fields(tensor, _TENSOR_EXTERNAL):
+        key, value = b"", b""
+        for number, part in _fields(entry, _ENTRY):
+            if number == 1:
+                key += bytes(part)
+            else:
+                value += bytes(part)
         if key == b"location":
-            value = b"".join(bytes(v) for v in _submessages(entry, 2))
             names.append(value.decode("utf-8"))
 
 
 def _sparse_locations(sparse: memoryview, names: list[str]) -> None:
-    for number in (1, 2):  # SparseTensorProto.values / indices
-        for tensor in _submessages(sparse, number):
-            _tensor_locations(tensor, names)
+    for _, tensor in _fields(sparse, _SPARSE):
+        _tensor_locations(tensor, names)
 
 
 def _node_locations(node: memoryview, names: list[str], depth: int) -> None:
-    for attribute in _submessages(node, 5):  # NodeProto.attribute
-        for tensor in [*_submessages(attribute, 5), *_submessages(attribute, 10)]:
-            _tensor_locations(tensor, names)  # AttributeProto.t / tensors
-        for sparse in [*_submessages(attribute, 22), *_submessages(attribute, 23)]:
-            _sparse_locations(sparse, names)
-        for graph in [*_submessages(attribute, 6), *_submessages(attribute, 11)]:
-            _graph_locations(graph, names, depth + 1)  # If / Loop / Scan bodies
+    for _, attribute in _fields(node, _NODE):
+        for number, part in _fields(attribute, _ATTRIBUTE):
+            if number in (5, 10):
+                _tensor_locations(part, names)
+            elif number in (22, 23):
+                _sparse_locations(part, names)
+            else:
+                _graph_locations(part, names, depth + 1)
 
 
 def _graph_locations(graph: memoryview, names: list[str], depth: int = 0) -> None:
     if depth > 32:
         raise ValueError("subgraphs nest deeper than 32 levels")
-    for tensor in _submessages(graph, 5):  # GraphProto.initializer
-        _tensor_locations(tensor, names)
-    for sparse in _submessages(graph, 15):  # GraphProto.sparse_initializer
-        _sparse_locations(sparse, names)
-    for node in _submessages(graph, 1):  # GraphProto.node (Constant, subgraphs)
-        _node_locations(node, names, depth)
+    for number, part in _fields(graph, _GRAPH):
+        if number == 5:
+            _tensor_locations(part, names)
+        elif number == 15:
+            _sparse_locations(part, names)
+        else:  # a node: Constant values, subgraphs
+            _node_locations(part, names, depth)
 
 
 def _locations(view: memoryview) -> list[str]:
     """Every external-data location of a ModelProto: initializers, sparse
     initializers, node attributes (Constant), subgraphs and functions' nodes."""
     names: list[str] = []
-    for graph in _submessages(view, 7):  # ModelProto.graph
-        _graph_locations(graph, names)
-    for function in _submessages(view, 25):  # ModelProto.functions
-        for node in _submessages(function, 7):  # FunctionProto.node
-            _node_locations(node, names, 1)
+    for number, part in _fields(view, _MODEL):
+        if number == 7:
+            _graph_locations(part, names)
+        else:
+            for _, node in _fields(part, _FUNCTION):
+                _node_locations(node, names, 1)
     return names
 
 
