@@ -223,3 +223,23 @@ def test_a_truncated_graph_is_a_value_error_at_every_cut() -> None:
         except ValueError:
             refused += 1
     assert refused >= len(data) - 10
+
+
+def test_the_vocabulary_check_counts_as_get_vocab_size_with_added_tokens(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from edge_slm.bundle.semantics import check_vocabulary
+
+    manifest = read_bundle(bundles["llama"])
+    plain = Tokenizer.from_file(str(bundles["llama"] / "tokenizer.json"))
+    grown = Tokenizer.from_str(plain.to_str())
+    grown.add_tokens([AddedToken(f"<extra_{i}>") for i in range(3)])
+    for tokenizer in (plain, grown):
+        size = tokenizer.get_vocab_size(with_added_tokens=True)  # the reference count
+        check_vocabulary(replace(manifest, vocab_size=size), tokenizer)
+        with pytest.raises(edge_slm.BundleError, match=f"vocabulary \\({size} tokens\\)"):
+            check_vocabulary(replace(manifest, vocab_size=size - 1), tokenizer)
