@@ -383,11 +383,13 @@ def _dims(tensor: memoryview) -> tuple[str, list[int]]:
 
 
 def _find_dims(view: memoryview, names: tuple[str, ...]) -> dict[str, list[int]]:
+    wanted = {name.encode("utf-8") for name in names}
     found: dict[str, list[int]] = {}
     for graph in _submessages(view, 7):
         for tensor in _submessages(graph, 5):
-            name, dims = _dims(tensor)
-            if name in names:
+            # the name alone first: the dims of the few wanted tensors only
+            if b"".join(bytes(part) for part in _submessages(tensor, 8)) in wanted:
+                name, dims = _dims(tensor)
                 found[name] = dims
     return found
 
