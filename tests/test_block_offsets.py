@@ -207,6 +207,7 @@ def test_a_tampered_folded_blob_is_refused(
         value = np.frombuffer(data.read(4), np.float32) + np.float32(1.0)
         data.seek(offset)
         data.write(value.tobytes())
+    monkeypatch.setenv(block_offsets.ENV, "1")
     with pytest.warns(SessionCacheWarning, match="refused and rebuilt: .*model.data has sha256"):
         again = edge_slm.load(bundle, cache=tmp_path, threads=2)
     assert again.decoder.session_source.startswith("prepared-session cache built")
@@ -252,8 +253,9 @@ def _int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
 @needs_layout
 @pytest.mark.parametrize(("bits", "block"), [(4, 32), (4, 16), (8, 32)])
 def test_folded_node_is_int8_activations_times_the_exact_weights(
-    bits: int, block: int, tmp_path: Path
+    bits: int, block: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(block_offsets.ENV, "1")
     n, k = 40, 96  # N not a multiple of BlkSum's 16 interleaved columns
     graph = tmp_path / "one.onnx"
     weights = _one_node_graph(graph, bits, block, n, k)
