@@ -32,11 +32,6 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     assert sha256_file(odd) == hashlib.sha256(data).hexdigest()
 
 
-def test_sha256_file_reads_what_cannot_be_mapped() -> None:
-    # a character device cannot be memory-mapped: read in chunks instead
-    assert sha256_file(Path("/dev/null")) == hashlib.sha256(b"").hexdigest()
-
-
 def _trace_hashing(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """(event, thread name) in order: every file hashed, and the call of ``prepare``."""
     events: list[tuple[str, str]] = []

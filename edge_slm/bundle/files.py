@@ -31,23 +31,17 @@ class BundleWarning(UserWarning):
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file.
+    """Hex sha256 of a file, read in 4 MiB chunks.
 
-    A regular file is hashed in one update over a read-only memory map: no copy into
-    Python buffers, and the GIL released for the whole file, so another thread (the
-    tokenizer's parse, :func:`read_bundle_with`) runs meanwhile. Anything that cannot be
-    mapped (an empty file, a pipe) is read in 4 MiB chunks.
+    Reading and hashing a chunk both release the GIL, so another thread (the
+    tokenizer's parse, :func:`read_bundle_with`) runs meanwhile. Plain reads, not a
+    memory map: a file cut short while it is hashed (a removed USB stick, a concurrent
+    writer) then gives a short read and a checksum error, never a SIGBUS.
     """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        try:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):  # empty, or not a regular file
-            while chunk := fh.read(_HASH_CHUNK):
-                digest.update(chunk)
-            return digest.hexdigest()
-        with mapped:
-            digest.update(mapped)
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
