@@ -284,20 +284,24 @@ def _greedy(model: Any) -> Any:
 
 
 def test_with_two_cpus_the_tokenizer_parses_beside_the_session(
-    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, two_cpus: None
+    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, two_cpus: None
 ) -> None:
     events = _trace_startup(monkeypatch, prologue_s=0.05)
-    loaded = edge_slm.load(bundle_copy, cache=False)
     main = threading.current_thread().name
-    # the session on this thread; the parse on the worker, not before the loading
-    # thread left Python for onnxruntime (a 50 ms Python prologue here)
-    assert events == [
-        ("session", main),
-        ("prologue done", main),
-        ("tokenizer", "edge-slm-tokenizer"),
-    ]
+    beside = [("session", main), ("prologue done", main), ("tokenizer", "edge-slm-tokenizer")]
+    # signed hash records (the cache entry built, then used) or no checks: the session
+    # on this thread, the parse on the worker once the loading thread left Python for
+    # onnxruntime (here only after a 50 ms Python prologue)
+    for cache, verify in ((tmp_path / "cache", True), (tmp_path / "cache", True), (False, False)):
+        events.clear()
+        loaded = edge_slm.load(bundle_copy, cache=cache, verify=verify)
+        assert events == beside
+    # every file hashed: the parse stays beside the hash, before the session
+    events.clear()
+    edge_slm.load(bundle_copy, cache=False)
+    assert events == [("tokenizer", main), ("session", main), ("prologue done", main)]
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    serial = edge_slm.load(bundle_copy, cache=False)
+    serial = edge_slm.load(bundle_copy, cache=tmp_path / "cache")
     assert isinstance(loaded, TextGenerator) and isinstance(serial, TextGenerator)
     assert loaded.tokenizer.to_str() == serial.tokenizer.to_str()
     ours, theirs = _greedy(loaded), _greedy(serial)
@@ -310,9 +314,9 @@ def test_with_one_cpu_the_tokenizer_parses_first_on_the_loading_thread(
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert not model_module.parse_beside_session()
     events = _trace_startup(monkeypatch)
-    for cache in (False, True):  # every file hashed; signed records (nothing hashed)
+    for cache in (False, bundle_copy.parent / "cache"):  # all hashed; signed records
         events.clear()
-        edge_slm.load(bundle_copy, cache=cache and bundle_copy.parent / "cache")
+        edge_slm.load(bundle_copy, cache=cache)
         main = threading.current_thread().name
         assert events == [("tokenizer", main), ("session", main), ("prologue done", main)]
 
@@ -330,29 +334,33 @@ def _tokenizer_threads() -> list[threading.Thread]:
 
 
 def test_a_tokenizer_error_wins_over_a_session_error(
-    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, two_cpus: None
+    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, two_cpus: None
 ) -> None:
+    cache = tmp_path / "cache"  # signed hash records: the parse beside the session
+
     def failing_session(*args: Any) -> Any:
         raise edge_slm.BundleError("session failed")
 
     monkeypatch.setattr(model_module, "open_decoder", failing_session)
     with pytest.raises(edge_slm.BundleError, match="session failed"):
-        edge_slm.load(bundle_copy, cache=False)
+        edge_slm.load(bundle_copy, cache=cache)
     assert _tokenizer_threads() == []
     _resigned(bundle_copy, "tokenizer.json", b'{"version": "1.0"}')
     with pytest.raises(edge_slm.BundleError, match="tokenizer 'tokenizer.json' cannot be read"):
-        edge_slm.load(bundle_copy, cache=False)
+        edge_slm.load(bundle_copy, cache=cache)
     assert _tokenizer_threads() == []
     monkeypatch.undo()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     with pytest.raises(edge_slm.BundleError, match="tokenizer 'tokenizer.json' cannot be read"):
-        edge_slm.load(bundle_copy, cache=False)  # the real session, made meanwhile
+        edge_slm.load(bundle_copy, cache=cache)  # the real session, made meanwhile
     assert _tokenizer_threads() == []
 
 
 def test_a_checksum_error_wins_before_any_parse_or_session(
-    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, two_cpus: None
+    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, two_cpus: None
 ) -> None:
+    cache = tmp_path / "cache"
+    edge_slm.load(bundle_copy, cache=cache)  # the files recorded as hashed
     events = _trace_startup(monkeypatch)
     model = bundle_copy / "model.onnx"
     data = bytearray(model.read_bytes())
@@ -360,5 +368,5 @@ def test_a_checksum_error_wins_before_any_parse_or_session(
     model.write_bytes(bytes(data))
     _resigned(bundle_copy, "tokenizer.json", b'{"version": "1.0"}')
     with pytest.raises(edge_slm.ChecksumError, match="'model.onnx' is corrupt"):
-        edge_slm.load(bundle_copy, cache=False)
+        edge_slm.load(bundle_copy, cache=cache)
     assert events == [] and _tokenizer_threads() == []

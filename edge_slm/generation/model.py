@@ -119,7 +119,8 @@ class TextGenerator:
             )
         else:
             # The tokenizer first: parsing tokenizer.json frees heap that the session
-            # then reuses (parsed beside the session, peak RSS is ~10 MiB higher).
+            # then reuses (beside the session, peak RSS is ~13 MiB higher from a
+            # prepared-session cache entry, ~45 MiB when optimizing the graph).
             if tokenizer is None:
                 tokenizer = load_tokenizer(tokenizer_path)
             decoder = open_decoder(model_path, manifest.decoder, options)
