@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_slm.bundle import Manifest, read_bundle
+from edge_slm.bundle import Manifest
 from edge_slm.bundle.files import read_bundle_with
 from edge_slm.bundle.semantics import load_tokenizer
 from edge_slm.encoders.classify import Classification, TextClassifier
@@ -39,7 +39,7 @@ from edge_slm.errors import (
 from edge_slm.generation.backends import Capacity
 from edge_slm.generation.constraints import Grammar, JsonSchema, Regex
 from edge_slm.generation.conversation import Conversation
-from edge_slm.generation.model import TextGenerator, parse_beside_session
+from edge_slm.generation.model import TextGenerator
 from edge_slm.generation.options import GenerationOptions
 from edge_slm.generation.results import Chunk, GenerationResult, Timings, TokenStep
 from edge_slm.generation.tools import Tool, ToolCall, ToolUse
@@ -144,17 +144,9 @@ def load(
             return None
         return load_tokenizer(folder / manifest.files["tokenizer"])
 
-    hashes = settings.bundle_hashes()
-    if parse_beside_session() and (hashes is not None or not settings.verify):
-        # nothing is hashed to parse the tokenizer beside (signed hash records, or no
-        # checks): with a second CPU, TextGenerator parses it beside the session. A
-        # cold load keeps it beside the hash, which hides most of it without the
-        # ~45 MiB of extra peak RSS that parse adds beside a session built from scratch.
-        manifest, tokenizer = read_bundle(folder, settings.verify, hashes), None
-    else:
-        manifest, tokenizer = read_bundle_with(
-            folder, generator_tokenizer, verify=settings.verify, hashes=hashes
-        )
+    manifest, tokenizer = read_bundle_with(
+        folder, generator_tokenizer, verify=settings.verify, hashes=settings.bundle_hashes()
+    )
     if manifest.task == "text-generation":
         return TextGenerator(folder, manifest, settings, tokenizer=tokenizer)
     if manifest.task == "text-classification":

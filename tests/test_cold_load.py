@@ -1,14 +1,10 @@
-"""Cold load: the tokenizer parsed while the graph hashes (read_bundle_with) or beside the
-session (TextGenerator, with a second CPU), and sha256_file."""
+"""Cold load: the tokenizer parsed while the graph hashes (read_bundle_with), and sha256_file."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +14,6 @@ import edge_slm
 from edge_slm.bundle import Manifest, files, read_bundle, sha256_file
 from edge_slm.bundle.files import read_bundle_with
 from edge_slm.bundle.hash_record import FileHashes
-from edge_slm.generation import model as model_module
 from edge_slm.generation.model import TextGenerator
 
 
@@ -243,130 +238,3 @@ def test_the_vocabulary_check_counts_as_get_vocab_size_with_added_tokens(
         check_vocabulary(replace(manifest, vocab_size=size), tokenizer)
         with pytest.raises(edge_slm.BundleError, match=f"vocabulary \\({size} tokens\\)"):
             check_vocabulary(replace(manifest, vocab_size=size - 1), tokenizer)
-
-
-# ---- the tokenizer parsed beside the onnxruntime session (TextGenerator) ----
-
-
-@pytest.fixture()
-def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-
-
-def _trace_startup(
-    monkeypatch: pytest.MonkeyPatch, prologue_s: float = 0.0
-) -> list[tuple[str, str]]:
-    """(event, thread name) of every tokenizer parse and session creation; the session
-    creation first runs ``prologue_s`` of Python (outside onnxruntime)."""
-    events: list[tuple[str, str]] = []
-    real_tokenizer, real_decoder = model_module.load_tokenizer, model_module.open_decoder
-
-    def tokenizer(path: Path) -> Any:
-        events.append(("tokenizer", threading.current_thread().name))
-        return real_tokenizer(path)
-
-    def decoder(*args: Any) -> Any:
-        events.append(("session", threading.current_thread().name))
-        time.sleep(prologue_s)
-        events.append(("prologue done", threading.current_thread().name))
-        return real_decoder(*args)
-
-    monkeypatch.setattr(model_module, "load_tokenizer", tokenizer)
-    monkeypatch.setattr(edge_slm, "load_tokenizer", tokenizer)
-    monkeypatch.setattr(model_module, "open_decoder", decoder)
-    return events
-
-
-def _greedy(model: Any) -> Any:
-    return model.chat(
-        [{"role": "user", "content": "Hello there"}], max_new_tokens=8, temperature=0.0
-    )
-
-
-def test_with_two_cpus_the_tokenizer_parses_beside_the_session(
-    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, two_cpus: None
-) -> None:
-    events = _trace_startup(monkeypatch, prologue_s=0.05)
-    main = threading.current_thread().name
-    beside = [("session", main), ("prologue done", main), ("tokenizer", "edge-slm-tokenizer")]
-    # signed hash records (the cache entry built, then used) or no checks: the session
-    # on this thread, the parse on the worker once the loading thread left Python for
-    # onnxruntime (here only after a 50 ms Python prologue)
-    for cache, verify in ((tmp_path / "cache", True), (tmp_path / "cache", True), (False, False)):
-        events.clear()
-        loaded = edge_slm.load(bundle_copy, cache=cache, verify=verify)
-        assert events == beside
-    # every file hashed: the parse stays beside the hash, before the session
-    events.clear()
-    edge_slm.load(bundle_copy, cache=False)
-    assert events == [("tokenizer", main), ("session", main), ("prologue done", main)]
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    serial = edge_slm.load(bundle_copy, cache=tmp_path / "cache")
-    assert isinstance(loaded, TextGenerator) and isinstance(serial, TextGenerator)
-    assert loaded.tokenizer.to_str() == serial.tokenizer.to_str()
-    ours, theirs = _greedy(loaded), _greedy(serial)
-    assert ours.token_ids == theirs.token_ids and ours.text == theirs.text
-
-
-def test_with_one_cpu_the_tokenizer_parses_first_on_the_loading_thread(
-    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
-    assert not model_module.parse_beside_session()
-    events = _trace_startup(monkeypatch)
-    for cache in (False, bundle_copy.parent / "cache"):  # all hashed; signed records
-        events.clear()
-        edge_slm.load(bundle_copy, cache=cache)
-        main = threading.current_thread().name
-        assert events == [("tokenizer", main), ("session", main), ("prologue done", main)]
-
-
-def _resigned(bundle: Path, name: str, data: bytes) -> None:
-    """Write ``data`` to ``name`` and list its new sha256 in the manifest."""
-    (bundle / name).write_bytes(data)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["checksums"][name] = hashlib.sha256(data).hexdigest()
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-
-
-def _tokenizer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "edge-slm-tokenizer"]
-
-
-def test_a_tokenizer_error_wins_over_a_session_error(
-    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, two_cpus: None
-) -> None:
-    cache = tmp_path / "cache"  # signed hash records: the parse beside the session
-
-    def failing_session(*args: Any) -> Any:
-        raise edge_slm.BundleError("session failed")
-
-    monkeypatch.setattr(model_module, "open_decoder", failing_session)
-    with pytest.raises(edge_slm.BundleError, match="session failed"):
-        edge_slm.load(bundle_copy, cache=cache)
-    assert _tokenizer_threads() == []
-    _resigned(bundle_copy, "tokenizer.json", b'{"version": "1.0"}')
-    with pytest.raises(edge_slm.BundleError, match="tokenizer 'tokenizer.json' cannot be read"):
-        edge_slm.load(bundle_copy, cache=cache)
-    assert _tokenizer_threads() == []
-    monkeypatch.undo()
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    with pytest.raises(edge_slm.BundleError, match="tokenizer 'tokenizer.json' cannot be read"):
-        edge_slm.load(bundle_copy, cache=cache)  # the real session, made meanwhile
-    assert _tokenizer_threads() == []
-
-
-def test_a_checksum_error_wins_before_any_parse_or_session(
-    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, two_cpus: None
-) -> None:
-    cache = tmp_path / "cache"
-    edge_slm.load(bundle_copy, cache=cache)  # the files recorded as hashed
-    events = _trace_startup(monkeypatch)
-    model = bundle_copy / "model.onnx"
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    model.write_bytes(bytes(data))
-    _resigned(bundle_copy, "tokenizer.json", b'{"version": "1.0"}')
-    with pytest.raises(edge_slm.ChecksumError, match="'model.onnx' is corrupt"):
-        edge_slm.load(bundle_copy, cache=cache)
-    assert events == [] and _tokenizer_threads() == []

@@ -11,8 +11,6 @@ chat with prefix reuse, keep a conversation: ``with model.conversation() as c: .
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +20,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from edge_slm.bundle import DecoderIO, Manifest, read_manifest, sha256_file
+from edge_slm.bundle import Manifest, read_manifest, sha256_file
 from edge_slm.bundle.semantics import check_decoder, load_tokenizer
 from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import InvalidArgumentError
@@ -41,54 +39,6 @@ from edge_slm.text.inputs import check_text, check_token_ids, tokenizer_call
 from edge_slm.text.safe_chat import safe_chat_ids
 
 
-def parse_beside_session() -> bool:
-    """Whether a generator parses its tokenizer while onnxruntime creates its session.
-
-    Only with a second CPU to run on: the parse holds the GIL, and onnxruntime releases
-    it for the whole session creation, so on one CPU the two would only take turns.
-    """
-    return len(os.sched_getaffinity(0)) > 1
-
-
-def _open_beside_tokenizer(
-    model_path: Path, tokenizer_path: Path, io: DecoderIO, options: LoadOptions
-) -> tuple[Tokenizer, Decoder]:
-    """The tokenizer parsed on a worker thread while this one opens the graph.
-
-    The parse holds the GIL from start to end, so it starts only once this thread is
-    inside onnxruntime (past the Python of the prepared-session cache, which would
-    otherwise wait for the whole parse), or once the session is made or failed. The
-    errors are those of the serial order: a tokenizer error wins over a session error.
-    """
-    loader = threading.get_ident()
-    opened = threading.Event()
-    parsed: list[Tokenizer] = []
-    failed: list[BaseException] = []
-
-    def inside_onnxruntime() -> bool:
-        frame = sys._current_frames().get(loader)
-        return frame is not None and str(frame.f_globals.get("__name__")).startswith("onnxruntime.")
-
-    def parse() -> None:
-        try:
-            while not opened.is_set() and not inside_onnxruntime():
-                opened.wait(0.001)
-            parsed.append(load_tokenizer(tokenizer_path))
-        except BaseException as exc:  # handed to the loading thread
-            failed.append(exc)
-
-    worker = threading.Thread(target=parse, name="edge-slm-tokenizer", daemon=True)
-    worker.start()
-    try:
-        decoder = open_decoder(model_path, io, options)
-    finally:
-        opened.set()
-        worker.join()
-        if failed:  # wins over a session error, as in the serial order
-            raise failed[0] from None
-    return parsed[0], decoder
-
-
 class TextGenerator:
     """Generates text from a text-generation bundle (see :func:`edge_slm.load`).
 
@@ -104,28 +54,21 @@ class TextGenerator:
         tokenizer: Tokenizer | None = None,
     ) -> None:
         """``tokenizer``: the bundle's tokenizer when the caller parsed it already
-        (:func:`edge_slm.load` on one CPU, while the graph's checksum is computed);
-        None: parse it here, beside the session when :func:`parse_beside_session`."""
+        (:func:`edge_slm.load` does while the graph's checksum is computed); None: parse
+        it here."""
         start = time.perf_counter()
         assert manifest.decoder is not None  # guaranteed by Manifest validation
         options = options or LoadOptions()
         self.folder = folder
         self.manifest = manifest
-        model_path = folder / manifest.files["model"]
-        tokenizer_path = folder / manifest.files["tokenizer"]
-        if tokenizer is None and parse_beside_session():
-            tokenizer, decoder = _open_beside_tokenizer(
-                model_path, tokenizer_path, manifest.decoder, options
-            )
-        else:
-            # The tokenizer first: parsing tokenizer.json frees heap that the session
-            # then reuses (beside the session, peak RSS is ~13 MiB higher from a
-            # prepared-session cache entry, ~45 MiB when optimizing the graph).
-            if tokenizer is None:
-                tokenizer = load_tokenizer(tokenizer_path)
-            decoder = open_decoder(model_path, manifest.decoder, options)
+        # The tokenizer first: parsing tokenizer.json frees heap that the session then
+        # reuses; loaded after the session it left ~19 MiB more peak RSS (SmolLM2).
+        if tokenizer is None:
+            tokenizer = load_tokenizer(folder / manifest.files["tokenizer"])
         self.tokenizer: Tokenizer = tokenizer
-        self.decoder: Decoder = decoder
+        self.decoder: Decoder = open_decoder(
+            folder / manifest.files["model"], manifest.decoder, options
+        )
         check_decoder(
             manifest, self.decoder.session, self.tokenizer, folder / manifest.files["model"]
         )
