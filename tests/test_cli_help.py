@@ -160,7 +160,12 @@ def test_ctrl_c_exits_130_with_one_line(bundles: dict[str, Path]) -> None:
         while "pipe" not in wchan.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        # stdin stays open until the process ended: closing it (communicate does) could
+        # let a starved process read end-of-file before it handles the signal
+        proc.wait(timeout=30)
+        assert proc.stderr is not None and proc.stdin is not None
+        err = proc.stderr.read()
+        proc.stdin.close()
     finally:
         if proc.poll() is None:
             proc.kill()
