@@ -85,6 +85,19 @@ class Terminal:
     def send(self, text: str) -> None:
         os.write(self.master, text.encode())
 
+    def wait_for_key_read(self, timeout: float = 30.0) -> None:
+        """Wait until the child sleeps in poll(): readline waiting for a key (Linux
+        /proc; elsewhere a fixed pause). A key or signal sent earlier may be swallowed by
+        the terminal's line mode or seen late on a busy machine."""
+        wchan = Path(f"/proc/{self.proc.pid}/wchan")
+        if not wchan.exists():
+            time.sleep(0.3)
+            return
+        deadline = time.monotonic() + timeout
+        while "poll" not in wchan.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.05)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -153,7 +166,7 @@ def test_interactive_chat_streams_and_keeps_history(terminal: Terminal, tmp_path
     # Ctrl-D at the prompt leaves. Sent only once readline waits for a key: typed before,
     # the terminal (still in line mode) may swallow it on a busy machine.
     terminal.expect("> ")
-    time.sleep(0.3)
+    terminal.wait_for_key_read()
     terminal.send("\x04")
     assert terminal.proc.wait(timeout=30) == 0
 
@@ -176,7 +189,7 @@ def test_ctrl_c_stops_the_answer_not_the_program(terminal: Terminal, tmp_path: P
     assert _saved(tmp_path / "after.json") == []
     # Ctrl-C at the prompt does not leave either; the next answer works.
     terminal.expect("> ")
-    time.sleep(0.3)  # waiting for a key inside readline (a signal just before is seen late)
+    terminal.wait_for_key_read()  # a signal just before readline waits is seen late
     terminal.proc.send_signal(signal.SIGINT)
     terminal.expect("Ctrl-D or /quit to leave")
     terminal.send("Hello\n")
