@@ -238,3 +238,19 @@ def test_the_vocabulary_check_counts_as_get_vocab_size_with_added_tokens(
         check_vocabulary(replace(manifest, vocab_size=size), tokenizer)
         with pytest.raises(edge_slm.BundleError, match=f"vocabulary \\({size} tokens\\)"):
             check_vocabulary(replace(manifest, vocab_size=size - 1), tokenizer)
+
+
+def test_a_failed_graph_walk_raises_its_own_error_not_the_maps(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk's ValueError leaves with a traceback that still holds slices of the
+    mapped view: the map cannot be closed then, and that must not replace the error
+    (a raw BufferError was seen on a garbage graph)."""
+
+    def walk(view: memoryview) -> list[str]:
+        piece = view[:16]  # alive in this frame, which the traceback keeps
+        raise ValueError(f"truncated protobuf message after {len(piece)} bytes")
+
+    monkeypatch.setattr(files, "_locations", walk)
+    with pytest.raises(edge_slm.BundleError, match="not a valid ONNX file: truncated"):
+        files.external_data_files(bundle_copy / "model.onnx")

@@ -7,6 +7,7 @@ checks every file's sha256 before anything is handed to onnxruntime.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -388,6 +389,26 @@ def _find_dims(view: memoryview, names: tuple[str, ...]) -> dict[str, list[int]]
     return found
 
 
+@contextlib.contextmanager
+def _mapped(fh: Any) -> Iterator[memoryview]:
+    """A read-only memory map of open file ``fh`` as a memoryview, unmapped on exit.
+
+    When a walk fails, the exception on its way out still holds slices of the view (in
+    its traceback's frames) and the map cannot be closed yet: it is then left to be
+    unmapped when they are freed, so the walk's own error is the one raised.
+    """
+    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)
+    try:
+        yield view
+    finally:
+        try:
+            view.release()
+            mapped.close()
+        except BufferError:
+            pass
+
+
 def initializer_dims(
     model_path: Path, names: tuple[str, ...] = POSITION_TABLES
 ) -> dict[str, list[int]]:
@@ -395,12 +416,8 @@ def initializer_dims(
     headers through a memory map; raises BundleError if the graph cannot be walked)."""
     found: dict[str, list[int]] = {}
     try:
-        with open(model_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                found = _find_dims(view, names)
-            finally:
-                view.release()
+        with open(model_path, "rb") as fh, _mapped(fh) as view:
+            found = _find_dims(view, names)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(
             f"bundle graph {model_path.name!r} is not a valid ONNX file: {exc}"
@@ -418,12 +435,8 @@ def external_data_files(model_path: Path) -> list[str]:
         with open(model_path, "rb") as fh:
             if os.fstat(fh.fileno()).st_size == 0:
                 raise BundleError(f"bundle graph {name!r} is empty")
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    names = _locations(view)
-                finally:
-                    view.release()
+            with _mapped(fh) as view:
+                names = _locations(view)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"bundle graph {name!r} is not a valid ONNX file: {exc}") from None
     except OSError as exc:
