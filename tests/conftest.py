@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import FAMILIES, build_model
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _children_get_ctrl_c() -> Any:
+    """The Ctrl-C tests send SIGINT to child processes. A suite started in the
+    background by a non-interactive shell (``cmd &``, ``nohup ... &``) inherits SIGINT
+    ignored, and so would every child: Python keeps an ignored SIGINT ignored. With
+    Python's own handler here, children start with the default and Ctrl-C works."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session", autouse=True)
