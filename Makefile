@@ -117,12 +117,14 @@ runtime-check: demo
 	  pid=$$!; $(CURDIR)/$(PY) $(CURDIR)/examples/openai_client.py --base-url http://127.0.0.1:8391/v1 --expect Paris; \
 	  status=$$?; kill $$pid; wait $$pid; exit $$status; }
 
-# Speed, memory and perplexity side by side with onnxruntime-genai, llama.cpp (llama-cpp-python
-# on the GGUF) and transformers, every engine measured the same way (a fresh process per
-# engine and round, decode rate by differencing a 130- and a 2-token run): builds the missing
-# bundles and sets up the peers itself (benchmarks/peers.py: genai's venv and int4 model and
-# llama-cpp-python under .cache/peers/); writes docs/performance.md and docs/performance.png.
-# Measuring: 13 minutes on 2 cores at load average 1.5 (2026-11-29), rebuilding its bundles included.
+# Speed, memory and perplexity side by side with onnxruntime-genai, llama.cpp (on the GGUF,
+# through llama-cpp-python and its own llama-bench) and transformers, every engine measured
+# the same way (a fresh process per engine and round, decode rate by differencing a 130- and
+# a 2-token run): builds the missing bundles and sets up the peers itself (benchmarks/peers.py:
+# genai's venv and int4 model, llama-cpp-python, llama-server and llama-bench under
+# .cache/peers/); writes docs/performance.md and docs/performance.png. Measuring: 5.5 minutes
+# on 2 cores at load average 1.3-1.5 with everything built (2026-11-29); 13 minutes when it
+# rebuilt its bundles; compiling llama.cpp's binaries the first time took 11 minutes.
 bench: setup $(ASSETS)/.smollm2
 	$(PY) benchmarks/bench_decode.py
 
