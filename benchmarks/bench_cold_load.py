@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import peers  # benchmarks/peers.py: genai's venv and model
-from bench_decode import VARIANTS, ensure_bundles, prompt_ids
+from bench_decode import VARIANTS, ensure_bundles, prompt_ids, run_child
 from peers import ROOT
 
 BUNDLES = (
@@ -119,17 +119,6 @@ print(json.dumps({"import_s": import_s, "load_s": model_s, "tokenizer_s": tokeni
 
 GENAI_MODEL = "genai og.Model"
 GENAI_BOTH = "genai og.Model + og.Tokenizer"
-
-
-def run_child(
-    python: str, script: str, spec: dict[str, Any], env: dict[str, str]
-) -> dict[str, Any]:
-    """One fresh process; its JSON line."""
-    out = subprocess.run(
-        [python, "-c", script, json.dumps(spec)],
-        check=True, capture_output=True, text=True, cwd=ROOT, env=env,
-    )  # fmt: skip
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def engines(
