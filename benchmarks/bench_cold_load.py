@@ -216,12 +216,10 @@ def main() -> int:
     )
     args.genai_python = args.genai_model = None
     if not args.no_genai:
-        try:
-            peer = peers.ensure_genai()
-        except peers.PeerError as error:
-            print(f"setting up onnxruntime-genai failed: {error}", file=sys.stderr)
+        genai = peers.genai_paths_or_report()
+        if genai is None:
             return 1
-        args.genai_python, args.genai_model = str(peer.python), str(peer.model)
+        args.genai_python, args.genai_model = genai
     with tempfile.TemporaryDirectory(prefix="edge-slm-cold-") as folder:
         rows = engines(args, Path(folder))
         for name, (python, script, spec, env) in rows.items():

@@ -948,12 +948,10 @@ def main() -> int:
     elif bool(args.genai_python) != bool(args.genai_model):
         parser.error("give --genai-python and --genai-model together (or neither)")
     if not args.no_genai and not args.genai_model:  # first: a pip failure shows early
-        try:
-            peer = peers.ensure_genai()
-        except peers.PeerError as error:
-            print(f"setting up onnxruntime-genai failed: {error}", file=sys.stderr)
+        genai = peers.genai_paths_or_report()
+        if genai is None:
             return 1
-        args.genai_python, args.genai_model = str(peer.python), str(peer.model)
+        args.genai_python, args.genai_model = genai
     if not args.no_llama and not args.llama_python:
         try:
             args.llama_python = str(peers.ensure_llama(python=True, server=False).python)

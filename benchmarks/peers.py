@@ -317,6 +317,17 @@ def ensure_genai(rebuild: bool = False) -> GenaiPeer:
     return GenaiPeer(python=python, model=ensure_genai_model(python, hf_dir, rebuild=rebuild))
 
 
+def genai_paths_or_report() -> tuple[str, str] | None:
+    """(python, model folder) of the genai peer, set up by :func:`ensure_genai`; None
+    after printing why when the set-up failed (the benchmarks then exit 1)."""
+    try:
+        peer = ensure_genai()
+    except PeerError as error:
+        print(f"setting up onnxruntime-genai failed: {error}", file=sys.stderr)
+        return None
+    return str(peer.python), str(peer.model)
+
+
 def _build_env() -> dict[str, str]:
     """The compiler's environment: both cores (cmake and pip's scikit-build read it)."""
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
