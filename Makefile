@@ -172,10 +172,11 @@ bench-train: demo
 # Gemma 3 270M from its packaged Q4_K_M GGUF: our exact and small transcodings against
 # onnxruntime-genai's int4 (built from the de-quantized weights) and llama.cpp
 # (llama-cpp-python and llama-bench) on the same file, by make bench's method; perplexity
-# of each on the same token ids. Builds the missing bundles and peers; writes
+# of each on the same token ids (the eval text comes with the SmolLM2 assets). Builds the
+# missing bundles and peers; writes
 # docs/performance-gemma3.md (+ .json).
 .PHONY: bench-gemma3
-bench-gemma3: setup $(ASSETS)/.gemma3
+bench-gemma3: setup $(ASSETS)/.smollm2 $(ASSETS)/.gemma3
 	$(PY) benchmarks/bench_gemma3.py
 
 # The peers alone (idempotent): bundles/smollm2-hf, .cache/peers/genai-venv, its model,
