@@ -5,16 +5,28 @@ from __future__ import annotations
 import hashlib
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import onnx
 import pytest
 
 import edge_slm
-from edge_slm.bundle import Manifest, files, read_bundle, sha256_file
+from edge_slm.bundle import (
+    Manifest,
+    files,
+    read_bundle,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from edge_slm.bundle.files import read_bundle_with
 from edge_slm.bundle.hash_record import FileHashes
 from edge_slm.generation.model import TextGenerator
+from edge_slm_export.graph_io import save_graph
+
+T = TypeVar("T")
 
 
 @pytest.fixture()
@@ -33,22 +45,34 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
 
 
 def _trace_hashing(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """(event, thread name) in order: every file hashed, and the call of ``prepare``."""
+    """(event, thread name) in order: every file hashed, and the call of ``prepare``
+    (which runs inside "hash ... beside" when it overlaps a file's hash)."""
     events: list[tuple[str, str]] = []
-    real = files.sha256_file
+    real, real_beside = files.sha256_file, files._sha256_beside
 
     def traced(path: Path) -> str:
         digest = real(path)
         events.append((f"hash {path.name}", threading.current_thread().name))
         return digest
 
+    def traced_beside(path: Path, work: Callable[[], T]) -> tuple[str, T]:
+        events.append((f"hash {path.name} beside", threading.current_thread().name))
+        result = real_beside(path, work)
+        events.append((f"hashed {path.name}", threading.current_thread().name))
+        return result
+
     monkeypatch.setattr(files, "sha256_file", traced)
+    monkeypatch.setattr(files, "_sha256_beside", traced_beside)
     return events
 
 
-def test_the_graph_hashes_in_another_thread_while_prepare_runs(
+def test_prepare_runs_while_the_largest_file_hashes(
     bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the graph's weights move to a second, larger file: that one is hashed beside
+    # prepare, the graph itself afterwards
+    save_graph(onnx.load(str(bundle_copy / "model.onnx")), bundle_copy / "model.onnx")
+    write_manifest(bundle_copy, read_manifest(bundle_copy)[0])
     events = _trace_hashing(monkeypatch)
     main = threading.current_thread().name
 
@@ -57,12 +81,63 @@ def test_the_graph_hashes_in_another_thread_while_prepare_runs(
         return manifest.files["tokenizer"]
 
     manifest, prepared = read_bundle_with(bundle_copy, prepare)
-    # the tokenizer is verified on this thread before prepare reads it, the graph on
-    # the verifying thread, each once
-    assert events[0] == ("hash tokenizer.json", main)
-    assert sorted(events[1:]) == [("hash model.onnx", "edge-slm-verify"), ("prepare", main)]
+    # the tokenizer is verified before prepare reads it, every file once
+    assert events == [
+        ("hash tokenizer.json", main),
+        ("hash model.onnx.data beside", main),
+        ("prepare", main),
+        ("hashed model.onnx.data", main),
+        ("hash model.onnx", main),
+    ]
     assert prepared == "tokenizer.json"
     assert manifest == read_bundle(bundle_copy)
+
+
+_REAL_SHA256 = hashlib.sha256
+
+
+class _ThreadedDigest:
+    """hashlib.sha256 that records the thread of every update."""
+
+    def __init__(self, threads: list[str]) -> None:
+        self._digest, self._threads = _REAL_SHA256(), threads
+
+    def update(self, data: Any) -> None:
+        self._threads.append(threading.current_thread().name)
+        self._digest.update(data)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 5000])
+def test_sha256_beside_hashes_the_head_on_a_worker_and_the_rest_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    monkeypatch.setattr(files, "_OVERLAP_BYTES", 1000)
+    monkeypatch.setattr(files, "_HASH_CHUNK", 1500)
+    threads: list[str] = []
+    monkeypatch.setattr(files.hashlib, "sha256", lambda: _ThreadedDigest(threads))
+    data = bytes(range(256)) * 20
+    path = tmp_path / "blob"
+    path.write_bytes(data[:size])
+    digest, result = files._sha256_beside(path, lambda: "parsed")
+    assert digest == _REAL_SHA256(data[:size]).hexdigest() and result == "parsed"
+    tail_chunks = -(-max(size - 1000, 0) // 1500)
+    assert threads == ["edge-slm-verify"] + [threading.current_thread().name] * tail_chunks
+
+
+def test_sha256_beside_hands_on_the_error_of_work(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 5000)
+
+    def fails() -> None:
+        raise ValueError("bad tokenizer")
+
+    with pytest.raises(ValueError, match="bad tokenizer"):
+        files._sha256_beside(path, fails)
+    # the worker was joined
+    assert not [t for t in threading.enumerate() if t.name == "edge-slm-verify"]
 
 
 def test_without_verify_nothing_is_hashed(

@@ -15,6 +15,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from io import FileIO
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -24,6 +25,7 @@ from edge_slm.bundle.manifest import MANIFEST_FILE, Manifest, check_file_name
 from edge_slm.errors import BundleError, ChecksumError
 
 _HASH_CHUNK = 1 << 22  # 4 MiB
+_OVERLAP_BYTES = 1 << 27  # 128 MiB: what hashing beside the tokenizer parse may hold
 T = TypeVar("T")
 
 
@@ -140,11 +142,15 @@ def _verify_files(folder: Path, checksums: dict[str, str], hashes: FileHashes | 
     for name, expected in checksums.items():
         path = _inside(folder, name, "checksum entry")
         actual = sha256_file(path) if hashes is None else hashes.sha256(path, expected)
-        if actual != expected:
-            raise ChecksumError(
-                f"bundle file {name!r} is corrupt or was modified: sha256 {actual} "
-                f"!= {expected} recorded in the manifest"
-            )
+        _compare(name, actual, expected)
+
+
+def _compare(name: str, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise ChecksumError(
+            f"bundle file {name!r} is corrupt or was modified: sha256 {actual} "
+            f"!= {expected} recorded in the manifest"
+        )
 
 
 def warn_unlisted(folder: Path, checksums: dict[str, str]) -> list[str]:
@@ -533,7 +539,7 @@ def _verify_while(
     checksums: dict[str, str],
     prepare: Callable[[Manifest], T],
 ) -> tuple[T | None, Exception | None]:
-    """Verify the tokenizer file, then hash the rest in a thread while ``prepare`` runs.
+    """Verify the tokenizer file, then hash the largest other file while ``prepare`` runs.
 
     Returns ``prepare``'s result or its exception (raised by the caller once the other
     checks passed); a checksum error of any file is raised here.
@@ -542,24 +548,71 @@ def _verify_while(
     tokenizer = manifest.files["tokenizer"]
     _verify_files(folder, {tokenizer: checksums[tokenizer]}, None)
     rest = {name: digest for name, digest in checksums.items() if name != tokenizer}
-    errors: list[BaseException] = []
-
-    def verify_rest() -> None:
-        try:
-            _verify_files(folder, rest, None)
-        except BaseException as exc:  # handed to the loading thread
-            errors.append(exc)
-
-    worker = threading.Thread(target=verify_rest, name="edge-slm-verify", daemon=True)
-    worker.start()
-    prepared: T | None = None
-    failure: Exception | None = None
-    try:
-        prepared = prepare(manifest)
-    except Exception as exc:  # raised after the checksums, which take precedence
-        failure = exc
-    finally:
-        worker.join()
-    if errors:
-        raise errors[0]
+    if not rest:
+        return _outcome(prepare, manifest)
+    largest = max(rest, key=lambda name: (folder / name).stat().st_size)
+    actual, (prepared, failure) = _sha256_beside(
+        _inside(folder, largest, "checksum entry"), lambda: _outcome(prepare, manifest)
+    )
+    _compare(largest, actual, rest.pop(largest))
+    _verify_files(folder, rest, None)
     return prepared, failure
+
+
+def _outcome(
+    prepare: Callable[[Manifest], T], manifest: Manifest
+) -> tuple[T | None, Exception | None]:
+    try:
+        return prepare(manifest), None
+    except Exception as exc:  # raised after the checksums, which take precedence
+        return None, exc
+
+
+def _sha256_beside(path: Path, work: Callable[[], T]) -> tuple[str, T]:
+    """The sha256 of ``path``, with ``work()`` run on this thread meanwhile.
+
+    ``work`` (the tokenizer's parse) holds the GIL for its whole ~0.1 s, so a hashing
+    thread that needs the GIL between two chunks would wait for it to finish. Instead
+    this thread reads the head of the file (up to ``_OVERLAP_BYTES``, the memory this
+    costs, unmapped before returning) and a worker hashes it in one call, which releases
+    the GIL throughout; ``work`` starts once the worker is about to make that call. The
+    rest of the file, if any, is hashed afterwards in chunks. Plain reads, as in
+    :func:`sha256_file`: a file cut short gives a wrong digest, never a SIGBUS.
+    """
+    digest = hashlib.sha256()
+    about_to_hash = threading.Event()
+
+    def hash_head(head: memoryview) -> None:
+        about_to_hash.set()
+        digest.update(head)
+
+    with open(path, "rb", buffering=0) as fh:
+        size = min(os.fstat(fh.fileno()).st_size, _OVERLAP_BYTES)
+        # anonymous memory: no file behind it (no SIGBUS), and unlike a bytearray not
+        # zeroed first: its pages are touched by the read, outside the GIL. Unmapped
+        # when the last view goes (no close(): a view held by a traceback would turn a
+        # read error into a BufferError).
+        buffer = mmap.mmap(-1, max(size, 1))
+        head = memoryview(buffer)[: _read_into(fh, memoryview(buffer)[:size])]
+        worker = threading.Thread(
+            target=hash_head, args=(head,), name="edge-slm-verify", daemon=True
+        )
+        del buffer, head  # the worker's run drops the last view when it ends
+        worker.start()
+        about_to_hash.wait()
+        try:
+            result = work()
+        finally:
+            worker.join()
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest(), result
+
+
+def _read_into(fh: FileIO, view: memoryview) -> int:
+    """Fill ``view`` from ``fh`` (one read of a regular file, more on a short read);
+    returns the bytes read, fewer only at the end of the file."""
+    filled = 0
+    while filled < len(view) and (count := fh.readinto(view[filled:])):
+        filled += count
+    return filled
