@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from edge_slm.bundle import Manifest
-from edge_slm.bundle.files import read_bundle_with
-from edge_slm.bundle.semantics import load_tokenizer
+from edge_slm.bundle.files import read_bundle
 from edge_slm.encoders.classify import Classification, TextClassifier
 from edge_slm.encoders.embed import CosineIndex, Hit, TextEmbedder
 from edge_slm.encoders.encoder import TruncationWarning
@@ -138,17 +136,9 @@ def load(
         settings = replace(settings, **overrides)  # type: ignore[arg-type]
     folder = Path(path)
 
-    def generator_tokenizer(manifest: Manifest) -> Any:
-        # parsed while the graph's checksum is computed (see read_bundle_with)
-        if manifest.task != "text-generation":
-            return None
-        return load_tokenizer(folder / manifest.files["tokenizer"])
-
-    manifest, tokenizer = read_bundle_with(
-        folder, generator_tokenizer, verify=settings.verify, hashes=settings.bundle_hashes()
-    )
+    manifest = read_bundle(folder, verify=settings.verify, hashes=settings.bundle_hashes())
     if manifest.task == "text-generation":
-        return TextGenerator(folder, manifest, settings, tokenizer=tokenizer)
+        return TextGenerator(folder, manifest, settings)
     if manifest.task == "text-classification":
         return TextClassifier(folder, manifest, settings)
     if manifest.task == "token-classification":

@@ -1,32 +1,27 @@
-"""Cold load: the tokenizer parsed while the graph hashes (read_bundle_with), and sha256_file."""
+"""Load: the tokenizer parsed while onnxruntime builds the session (build_beside), the
+graph walks, and sha256_file."""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import edge_slm
-from edge_slm.bundle import (
-    Manifest,
-    files,
-    read_bundle,
-    read_manifest,
-    sha256_file,
-    write_manifest,
-)
-from edge_slm.bundle.files import read_bundle_with
-from edge_slm.bundle.hash_record import FileHashes
+from edge_slm.bundle import files, read_bundle, read_manifest, sha256_file, write_manifest
+from edge_slm.bundle.semantics import load_tokenizer
+from edge_slm.engine.overlap import build_beside
+from edge_slm.engine.session import LoadOptions
+from edge_slm.generation import model as model_module
 from edge_slm.generation.model import TextGenerator
-from edge_slm_export.graph_io import save_graph
-
-T = TypeVar("T")
 
 
 @pytest.fixture()
@@ -44,165 +39,111 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     assert sha256_file(odd) == hashlib.sha256(data).hexdigest()
 
 
-def _trace_hashing(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """(event, thread name) in order: every file hashed, and the call of ``prepare``
-    (which runs inside "hash ... beside" when it overlaps a file's hash)."""
-    events: list[tuple[str, str]] = []
-    real, real_beside = files.sha256_file, files._sha256_beside
-
-    def traced(path: Path) -> str:
-        digest = real(path)
-        events.append((f"hash {path.name}", threading.current_thread().name))
-        return digest
-
-    def traced_beside(path: Path, work: Callable[[], T]) -> tuple[str, T]:
-        events.append((f"hash {path.name} beside", threading.current_thread().name))
-        result = real_beside(path, work)
-        events.append((f"hashed {path.name}", threading.current_thread().name))
-        return result
-
-    monkeypatch.setattr(files, "sha256_file", traced)
-    monkeypatch.setattr(files, "_sha256_beside", traced_beside)
-    return events
+def _main_thread_in(frame_names: set[str]) -> bool:
+    """Whether the main thread is now inside a function of one of these names."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name in frame_names:
+            return True
+        frame = frame.f_back
+    return False
 
 
-def test_prepare_runs_while_the_largest_file_hashes(
+def test_the_tokenizer_parses_while_onnxruntime_builds_the_session(
     bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # the graph's weights move to a second, larger file: that one is hashed beside
-    # prepare, the graph itself afterwards
-    save_graph(onnx.load(str(bundle_copy / "model.onnx")), bundle_copy / "model.onnx")
-    write_manifest(bundle_copy, read_manifest(bundle_copy)[0])
-    events = _trace_hashing(monkeypatch)
-    main = threading.current_thread().name
+    seen: list[tuple[str, bool]] = []
+    real = model_module.load_tokenizer
 
-    def prepare(manifest: Manifest) -> str:
-        events.append(("prepare", threading.current_thread().name))
-        return manifest.files["tokenizer"]
+    def watched(path: Path) -> Any:
+        # onnxruntime's Python wrapper is inside its initialize_session call now
+        seen.append(
+            (threading.current_thread().name, _main_thread_in({"_create_inference_session"}))
+        )
+        return real(path)
 
-    manifest, prepared = read_bundle_with(bundle_copy, prepare)
-    # the tokenizer is verified before prepare reads it, every file once
-    assert events == [
-        ("hash tokenizer.json", main),
-        ("hash model.onnx.data beside", main),
-        ("prepare", main),
-        ("hashed model.onnx.data", main),
-        ("hash model.onnx", main),
-    ]
-    assert prepared == "tokenizer.json"
-    assert manifest == read_bundle(bundle_copy)
+    monkeypatch.setattr(model_module, "load_tokenizer", watched)
+    loaded = edge_slm.load(bundle_copy, cache=False)
+    assert seen == [("edge-slm-beside-session", True)]
+    assert isinstance(loaded, TextGenerator) and loaded.decoder.session is not None
+    assert sys.getprofile() is None  # the hook is gone
 
 
-_REAL_SHA256 = hashlib.sha256
-
-
-class _ThreadedDigest:
-    """hashlib.sha256 that records the thread of every update."""
-
-    def __init__(self, threads: list[str]) -> None:
-        self._digest, self._threads = _REAL_SHA256(), threads
-
-    def update(self, data: Any) -> None:
-        self._threads.append(threading.current_thread().name)
-        self._digest.update(data)
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
-
-
-@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 5000])
-def test_sha256_beside_hashes_the_head_on_a_worker_and_the_rest_here(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
-) -> None:
-    monkeypatch.setattr(files, "_OVERLAP_BYTES", 1000)
-    monkeypatch.setattr(files, "_HASH_CHUNK", 1500)
-    threads: list[str] = []
-    monkeypatch.setattr(files.hashlib, "sha256", lambda: _ThreadedDigest(threads))
-    data = bytes(range(256)) * 20
-    path = tmp_path / "blob"
-    path.write_bytes(data[:size])
-    digest, result = files._sha256_beside(path, lambda: "parsed")
-    assert digest == _REAL_SHA256(data[:size]).hexdigest() and result == "parsed"
-    tail_chunks = -(-max(size - 1000, 0) // 1500)
-    assert threads == ["edge-slm-verify"] + [threading.current_thread().name] * tail_chunks
-
-
-def test_sha256_beside_hands_on_the_error_of_work(tmp_path: Path) -> None:
-    path = tmp_path / "blob"
-    path.write_bytes(b"x" * 5000)
-
-    def fails() -> None:
-        raise ValueError("bad tokenizer")
-
-    with pytest.raises(ValueError, match="bad tokenizer"):
-        files._sha256_beside(path, fails)
-    # the worker was joined
-    assert not [t for t in threading.enumerate() if t.name == "edge-slm-verify"]
-
-
-def test_without_verify_nothing_is_hashed(
-    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    events = _trace_hashing(monkeypatch)
-    manifest, prepared = read_bundle_with(bundle_copy, lambda m: m.task, verify=False)
-    assert prepared == "text-generation" and manifest.task == "text-generation"
-    assert events == []
-
-
-def test_with_hash_records_prepare_runs_after_the_checks(
-    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # signed records (the prepared-session cache on): nothing to overlap, no thread
-    def no_overlap(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("no verifying thread expected")
-
-    monkeypatch.setattr(files, "_verify_while", no_overlap)
-    hashes = FileHashes(tmp_path / "records.json", b"k" * 32)
-    manifest, prepared = read_bundle_with(bundle_copy, lambda m: m.task, hashes=hashes)
-    assert prepared == "text-generation" and manifest.task == "text-generation"
-
-
-def test_a_corrupt_graph_wins_over_an_error_of_prepare(bundle_copy: Path) -> None:
-    model = bundle_copy / "model.onnx"
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    model.write_bytes(bytes(data))
-
-    def failing(manifest: Manifest) -> None:
-        raise edge_slm.BundleError("prepare failed")
-
-    with pytest.raises(edge_slm.ChecksumError, match="'model.onnx' is corrupt"):
-        read_bundle_with(bundle_copy, failing)
-    with pytest.raises(edge_slm.ChecksumError, match="'model.onnx' is corrupt"):
-        read_bundle_with(bundle_copy, lambda m: m.task)
-
-
-def test_an_error_of_prepare_is_raised_once_the_files_match(bundle_copy: Path) -> None:
-    def failing(manifest: Manifest) -> None:
-        raise edge_slm.BundleError("prepare failed")
-
-    with pytest.raises(edge_slm.BundleError, match="prepare failed"):
-        read_bundle_with(bundle_copy, failing)
-
-
-def test_a_corrupt_tokenizer_is_never_handed_to_prepare(bundle_copy: Path) -> None:
-    path = bundle_copy / "tokenizer.json"
-    path.write_text(path.read_text().replace('"<|im_end|>"', '"<|im_stop|>"', 1))
-    called: list[Any] = []
-    with pytest.raises(edge_slm.ChecksumError, match="tokenizer.json"):
-        read_bundle_with(bundle_copy, called.append)
-    assert called == []
-
-
-def test_load_generates_as_a_generator_that_parses_its_own_tokenizer(bundle_copy: Path) -> None:
+def test_load_generates_as_a_generator_given_its_tokenizer(bundle_copy: Path) -> None:
     loaded = edge_slm.load(bundle_copy, cache=False)
     assert isinstance(loaded, TextGenerator)
-    plain = TextGenerator(bundle_copy, read_bundle(bundle_copy))
+    manifest = read_bundle(bundle_copy)
+    given = load_tokenizer(bundle_copy / "tokenizer.json")
+    plain = TextGenerator(bundle_copy, manifest, LoadOptions(prepared_cache=False), tokenizer=given)
     assert loaded.tokenizer.to_str() == plain.tokenizer.to_str()
     prompt = [{"role": "user", "content": "Hello there"}]
     ours = loaded.chat(prompt, max_new_tokens=8, temperature=0.0)
     theirs = plain.chat(prompt, max_new_tokens=8, temperature=0.0)
     assert ours.token_ids == theirs.token_ids and ours.text == theirs.text
+
+
+def _fails(message: str) -> Callable[[], Any]:
+    def fail() -> Any:
+        raise edge_slm.BundleError(message)
+
+    return fail
+
+
+def test_build_beside_returns_both_results_and_runs_work_once_build_returns() -> None:
+    # no onnxruntime call in build: work starts when build has returned
+    order: list[str] = []
+    built, done = build_beside(
+        lambda: order.append("build") or "session", lambda: order.append("work") or 7
+    )
+    assert (built, done, order) == ("session", 7, ["build", "work"])
+
+
+def test_build_beside_raises_the_error_of_work_first() -> None:
+    with pytest.raises(edge_slm.BundleError, match="tokenizer"):
+        build_beside(_fails("graph"), _fails("tokenizer"))
+    with pytest.raises(edge_slm.BundleError, match="tokenizer"):
+        build_beside(lambda: "session", _fails("tokenizer"))
+    with pytest.raises(edge_slm.BundleError, match="graph"):
+        build_beside(_fails("graph"), lambda: 7)
+    assert not [t for t in threading.enumerate() if t.name == "edge-slm-beside-session"]
+
+
+def test_under_a_profiler_build_beside_runs_work_then_build_and_keeps_the_profiler() -> None:
+    calls: list[str] = []
+
+    def profiler(frame: Any, event: str, arg: Any) -> None:
+        calls.append(event)
+
+    order: list[tuple[str, str]] = []
+
+    def step(name: str) -> Callable[[], str]:
+        return lambda: order.append((name, threading.current_thread().name)) or name
+
+    sys.setprofile(profiler)
+    try:
+        built, done = build_beside(step("build"), step("work"))
+        kept = sys.getprofile()
+    finally:
+        sys.setprofile(None)
+    main = threading.current_thread().name
+    assert (built, done, order) == ("build", "work", [("work", main), ("build", main)])
+    assert kept is profiler and calls
+
+
+def test_a_bad_tokenizer_is_reported_before_a_graph_onnxruntime_refuses(bundle_copy: Path) -> None:
+    (bundle_copy / "tokenizer.json").write_text("{not json")
+    # a graph the walks accept and onnxruntime refuses (an operator it does not know)
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    onnx.save(helper.make_model(graph, ir_version=8), str(bundle_copy / "model.onnx"))
+    (bundle_copy / "model.onnx.data").unlink(missing_ok=True)
+    write_manifest(bundle_copy, read_manifest(bundle_copy)[0])
+    with pytest.raises(edge_slm.BundleError, match="tokenizer 'tokenizer.json' cannot be read"):
+        edge_slm.load(bundle_copy, cache=False)
 
 
 def _external(tensor: Any, location: str) -> Any:

@@ -7,9 +7,8 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,8 +32,6 @@ from edge_slm.generation.decoders import open_decoder
 
 IDS = np.asarray([[5, 17, 33, 90, 120, 7, 8, 41]], dtype=np.int64)
 PROMPT = "Once upon a time"
-
-T = TypeVar("T")
 
 
 def _entries(root: Path) -> list[Path]:
@@ -417,8 +414,7 @@ def test_the_size_cap_evicts_least_recently_used_entries(
 
 class _Hashed:
     """Counts the files read in full (hash_record.hash_file, used by the bundle check and
-    the prepared-session cache alike, and sha256_file and _sha256_beside, used without a
-    record)."""
+    the prepared-session cache alike, and sha256_file, used without a record)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.names: list[str] = []
@@ -432,14 +428,8 @@ class _Hashed:
             self.names.append(Path(path).name)
             return real_sha(path)
 
-        def counted_beside(path: Path, work: Callable[[], T]) -> tuple[str, T]:
-            self.names.append(Path(path).name)
-            return real_beside(path, work)
-
-        real_beside = bundle_files_module._sha256_beside
         monkeypatch.setattr(hash_record, "hash_file", counted)
         monkeypatch.setattr(bundle_files_module, "sha256_file", counted_sha)
-        monkeypatch.setattr(bundle_files_module, "_sha256_beside", counted_beside)
 
     def take(self) -> list[str]:
         names, self.names = sorted(self.names), []

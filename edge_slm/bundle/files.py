@@ -12,12 +12,10 @@ import hashlib
 import json
 import mmap
 import os
-import threading
 import warnings
-from collections.abc import Callable, Iterator
-from io import FileIO
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from edge_slm.bundle import limits
 from edge_slm.bundle.hash_record import FileHashes
@@ -25,8 +23,6 @@ from edge_slm.bundle.manifest import MANIFEST_FILE, Manifest, check_file_name
 from edge_slm.errors import BundleError, ChecksumError
 
 _HASH_CHUNK = 1 << 22  # 4 MiB
-_OVERLAP_BYTES = 1 << 27  # 128 MiB: what hashing beside the tokenizer parse may hold
-T = TypeVar("T")
 
 
 class BundleWarning(UserWarning):
@@ -36,10 +32,9 @@ class BundleWarning(UserWarning):
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 4 MiB chunks.
 
-    Reading and hashing a chunk both release the GIL, so another thread (the
-    tokenizer's parse, :func:`read_bundle_with`) runs meanwhile. Plain reads, not a
-    memory map: a file cut short while it is hashed (a removed USB stick, a concurrent
-    writer) then gives a short read and a checksum error, never a SIGBUS.
+    Plain reads, not a memory map: a file cut short while it is hashed (a removed USB
+    stick, a concurrent writer) then gives a short read and a checksum error, never a
+    SIGBUS.
     """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -474,38 +469,7 @@ def read_bundle(
     :class:`BundleWarning`. ``hashes``: see :func:`verify_checksums`; what it hashed is
     saved once every file matched.
     """
-    return _read_bundle(Path(folder), verify, hashes, None)[0]
-
-
-def read_bundle_with(
-    folder: str | Path,
-    prepare: Callable[[Manifest], T],
-    verify: bool = True,
-    hashes: FileHashes | None = None,
-) -> tuple[Manifest, T]:
-    """:func:`read_bundle`, and ``prepare(manifest)`` run while the graph hashes.
-
-    With ``verify`` and no ``hashes``, the tokenizer file is checked first; then the
-    other files (the graph: most of the bytes) are hashed in a background thread while
-    ``prepare`` runs on this one. Hashing releases the GIL (:func:`sha256_file`) and
-    parsing ``tokenizer.json`` holds it, so a cold load's two largest costs before
-    onnxruntime overlap on a second core. ``prepare`` may read the tokenizer file only:
-    nothing else is verified yet. With ``hashes`` (signed records: recorded files are
-    not read at all) or without ``verify``, ``prepare`` simply runs after the checks.
-    The errors are those of :func:`read_bundle` followed by ``prepare``'s, in that
-    order: a checksum or external-data error wins over an error of ``prepare``, whose
-    result is then dropped. Returns the manifest and what ``prepare`` returned.
-    """
-    manifest, prepared = _read_bundle(Path(folder), verify, hashes, prepare)
-    return manifest, cast(T, prepared)
-
-
-def _read_bundle(
-    folder: Path,
-    verify: bool,
-    hashes: FileHashes | None,
-    prepare: Callable[[Manifest], T] | None,
-) -> tuple[Manifest, T | None]:
+    folder = Path(folder)
     manifest, raw = read_manifest(folder)
     checksums = check_checksums(raw)
     for role, name in manifest.files.items():
@@ -515,104 +479,9 @@ def _read_bundle(
             raise ChecksumError(f"bundle {role} file {name!r} is missing")
     _check_sizes(folder, manifest)
     warn_unlisted(folder, checksums)
-    prepared: T | None = None
-    failure: Exception | None = None
-    overlap = verify and prepare is not None and hashes is None
-    if overlap:
-        assert prepare is not None
-        prepared, failure = _verify_while(folder, manifest, checksums, prepare)
-    elif verify:
+    if verify:
         verify_checksums(folder, checksums, hashes)
-    if verify and hashes is not None:
-        hashes.save()
+        if hashes is not None:
+            hashes.save()
     check_external_data(folder, manifest, checksums)
-    if prepare is not None and not overlap:
-        prepared = prepare(manifest)
-    if failure is not None:
-        raise failure
-    return manifest, prepared
-
-
-def _verify_while(
-    folder: Path,
-    manifest: Manifest,
-    checksums: dict[str, str],
-    prepare: Callable[[Manifest], T],
-) -> tuple[T | None, Exception | None]:
-    """Verify the tokenizer file, then hash the largest other file while ``prepare`` runs.
-
-    Returns ``prepare``'s result or its exception (raised by the caller once the other
-    checks passed); a checksum error of any file is raised here.
-    """
-    _check_present(folder, checksums)
-    tokenizer = manifest.files["tokenizer"]
-    _verify_files(folder, {tokenizer: checksums[tokenizer]}, None)
-    rest = {name: digest for name, digest in checksums.items() if name != tokenizer}
-    if not rest:
-        return _outcome(prepare, manifest)
-    largest = max(rest, key=lambda name: (folder / name).stat().st_size)
-    actual, (prepared, failure) = _sha256_beside(
-        _inside(folder, largest, "checksum entry"), lambda: _outcome(prepare, manifest)
-    )
-    _compare(largest, actual, rest.pop(largest))
-    _verify_files(folder, rest, None)
-    return prepared, failure
-
-
-def _outcome(
-    prepare: Callable[[Manifest], T], manifest: Manifest
-) -> tuple[T | None, Exception | None]:
-    try:
-        return prepare(manifest), None
-    except Exception as exc:  # raised after the checksums, which take precedence
-        return None, exc
-
-
-def _sha256_beside(path: Path, work: Callable[[], T]) -> tuple[str, T]:
-    """The sha256 of ``path``, with ``work()`` run on this thread meanwhile.
-
-    ``work`` (the tokenizer's parse) holds the GIL for its whole ~0.1 s, so a hashing
-    thread that needs the GIL between two chunks would wait for it to finish. Instead
-    this thread reads the head of the file (up to ``_OVERLAP_BYTES``, the memory this
-    costs, unmapped before returning) and a worker hashes it in one call, which releases
-    the GIL throughout; ``work`` starts once the worker is about to make that call. The
-    rest of the file, if any, is hashed afterwards in chunks. Plain reads, as in
-    :func:`sha256_file`: a file cut short gives a wrong digest, never a SIGBUS.
-    """
-    digest = hashlib.sha256()
-    about_to_hash = threading.Event()
-
-    def hash_head(head: memoryview) -> None:
-        about_to_hash.set()
-        digest.update(head)
-
-    with open(path, "rb", buffering=0) as fh:
-        size = min(os.fstat(fh.fileno()).st_size, _OVERLAP_BYTES)
-        # anonymous memory: no file behind it (no SIGBUS), and unlike a bytearray not
-        # zeroed first: its pages are touched by the read, outside the GIL. Unmapped
-        # when the last view goes (no close(): a view held by a traceback would turn a
-        # read error into a BufferError).
-        buffer = mmap.mmap(-1, max(size, 1))
-        head = memoryview(buffer)[: _read_into(fh, memoryview(buffer)[:size])]
-        worker = threading.Thread(
-            target=hash_head, args=(head,), name="edge-slm-verify", daemon=True
-        )
-        del buffer, head  # the worker's run drops the last view when it ends
-        worker.start()
-        about_to_hash.wait()
-        try:
-            result = work()
-        finally:
-            worker.join()
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest(), result
-
-
-def _read_into(fh: FileIO, view: memoryview) -> int:
-    """Fill ``view`` from ``fh`` (one read of a regular file, more on a short read);
-    returns the bytes read, fewer only at the end of the file."""
-    filled = 0
-    while filled < len(view) and (count := fh.readinto(view[filled:])):
-        filled += count
-    return filled
+    return manifest

@@ -26,6 +26,7 @@ from tokenizers import Encoding, Tokenizer
 
 from edge_slm.bundle import EncoderIO, Manifest
 from edge_slm.bundle.semantics import check_encoder, load_tokenizer
+from edge_slm.engine.overlap import build_beside
 from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import BundleError, ContextLengthError, InvalidArgumentError
 from edge_slm.text.inputs import check_text as check_valid_text
@@ -116,9 +117,11 @@ class EncoderModel:
         self.manifest = manifest
         self.io: EncoderIO = manifest.encoder
         self.max_length = manifest.context_length
-        # The tokenizer before the session: lower peak RSS (see TextGenerator).
-        self.tokenizer = load_tokenizer(folder / manifest.files["tokenizer"])
-        self.session = (options or LoadOptions()).open(folder / manifest.files["model"]).session
+        opened, self.tokenizer = build_beside(  # the parse on a second core, see overlap.py
+            lambda: (options or LoadOptions()).open(folder / manifest.files["model"]),
+            lambda: load_tokenizer(folder / manifest.files["tokenizer"]),
+        )
+        self.session = opened.session
         self._check_graph()
         check_encoder(manifest, self.session, self.tokenizer)
         self.tokenizer.no_truncation()

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from edge_slm.bundle import Manifest, read_manifest, sha256_file
 from edge_slm.bundle.semantics import check_decoder, load_tokenizer
+from edge_slm.engine.overlap import build_beside
 from edge_slm.engine.session import LoadOptions
 from edge_slm.errors import InvalidArgumentError
 from edge_slm.generation.backends import Backend, Capacity, make_backend
@@ -53,22 +54,23 @@ class TextGenerator:
         *,
         tokenizer: Tokenizer | None = None,
     ) -> None:
-        """``tokenizer``: the bundle's tokenizer when the caller parsed it already
-        (:func:`edge_slm.load` does while the graph's checksum is computed); None: parse
-        it here."""
+        """``tokenizer``: the bundle's tokenizer when the caller parsed it already; None:
+        parse it here, beside the session's build (:mod:`edge_slm.engine.overlap`)."""
         start = time.perf_counter()
         assert manifest.decoder is not None  # guaranteed by Manifest validation
         options = options or LoadOptions()
         self.folder = folder
         self.manifest = manifest
-        # The tokenizer first: parsing tokenizer.json frees heap that the session then
-        # reuses; loaded after the session it left ~19 MiB more peak RSS (SmolLM2).
-        if tokenizer is None:
-            tokenizer = load_tokenizer(folder / manifest.files["tokenizer"])
+        io = manifest.decoder
+        if tokenizer is None:  # parsed on a second core while onnxruntime builds
+            decoder, tokenizer = build_beside(
+                lambda: open_decoder(folder / manifest.files["model"], io, options),
+                lambda: load_tokenizer(folder / manifest.files["tokenizer"]),
+            )
+        else:
+            decoder = open_decoder(folder / manifest.files["model"], io, options)
+        self.decoder: Decoder = decoder
         self.tokenizer: Tokenizer = tokenizer
-        self.decoder: Decoder = open_decoder(
-            folder / manifest.files["model"], manifest.decoder, options
-        )
         check_decoder(
             manifest, self.decoder.session, self.tokenizer, folder / manifest.files["model"]
         )
