@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 import edge_slm
 from edge_slm.bundle import files, read_bundle, read_manifest, sha256_file, write_manifest
 from edge_slm.bundle.semantics import load_tokenizer
+from edge_slm.engine import overlap
 from edge_slm.engine.overlap import build_beside
 from edge_slm.engine.session import LoadOptions
 from edge_slm.generation import model as model_module
@@ -63,10 +64,25 @@ def test_the_tokenizer_parses_while_onnxruntime_builds_the_session(
         return real(path)
 
     monkeypatch.setattr(model_module, "load_tokenizer", watched)
+    monkeypatch.setattr(overlap, "usable_cpus", lambda: 2)
     loaded = edge_slm.load(bundle_copy, cache=False)
     assert seen == [("edge-slm-beside-session", True)]
     assert isinstance(loaded, TextGenerator) and loaded.decoder.session is not None
     assert sys.getprofile() is None  # the hook is gone
+
+
+def test_with_one_usable_cpu_the_tokenizer_parses_first_on_the_loading_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    order: list[tuple[str, str]] = []
+
+    def step(name: str) -> Callable[[], str]:
+        return lambda: order.append((name, threading.current_thread().name)) or name
+
+    monkeypatch.setattr(overlap, "usable_cpus", lambda: 1)
+    assert build_beside(step("build"), step("work")) == ("build", "work")
+    main = threading.current_thread().name
+    assert order == [("work", main), ("build", main)]
 
 
 def test_load_generates_as_a_generator_given_its_tokenizer(bundle_copy: Path) -> None:
@@ -89,8 +105,11 @@ def _fails(message: str) -> Callable[[], Any]:
     return fail
 
 
-def test_build_beside_returns_both_results_and_runs_work_once_build_returns() -> None:
+def test_build_beside_returns_both_results_and_runs_work_once_build_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # no onnxruntime call in build: work starts when build has returned
+    monkeypatch.setattr(overlap, "usable_cpus", lambda: 2)
     order: list[str] = []
     built, done = build_beside(
         lambda: order.append("build") or "session", lambda: order.append("work") or 7

@@ -7,6 +7,11 @@ tokenizer's parse holds it throughout. So the two can overlap, but only if the p
 starts once onnxruntime is inside the long call: started earlier, it takes the GIL when
 the session's short constructor releases it, and the rest of the build waits for the
 whole parse. :func:`build_beside` starts the work at that moment.
+
+The cost is memory: the parse's short-lived heap (in the worker's own malloc arena) is
+not reused by the session, so peak RSS rises by roughly the tokenizer's parse
+(docs/performance.md, "Cold start-up"); with one usable CPU nothing overlaps, and the
+tokenizer is parsed first, on the loading thread, as before.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, TypeVar, cast
+
+from edge_slm.engine.device import usable_cpus
 
 S = TypeVar("S")
 W = TypeVar("W")
@@ -30,13 +37,13 @@ def build_beside(build: Callable[[], S], work: Callable[[], W]) -> tuple[S, W]:
     ``initialize_session``: a profile hook on this thread only (``sys.setprofile``'s
     ``c_call`` event, which comes just before the call) tells it. If ``build`` never
     gets there (it failed earlier, or a cached result needed no session), ``work``
-    starts when ``build`` returns. When a profiler is already active on this thread,
-    no hook is installed and ``work`` runs before ``build``, as a plain sequence.
+    starts when ``build`` returns. With one usable CPU (nothing to overlap on), or a
+    profiler already active on this thread, ``work`` simply runs before ``build``.
 
     Returns both results. Raises ``work``'s exception if it failed, else ``build``'s:
     the same order as running ``work`` first.
     """
-    if sys.getprofile() is not None:
+    if usable_cpus() < 2 or sys.getprofile() is not None:
         done = work()
         return build(), done
     inside = threading.Event()
