@@ -89,8 +89,9 @@ QUICK_ENGINES = {
     "fused gguf-head4 (demo int4)": BUNDLES / "smollm2-135m-instruct-int4",
     "fused int4-search (demo int4-small)": BUNDLES / "smollm2-135m-instruct-int4-small",
 }
-SMOLLM2_REFERENCE = BUNDLES / "smollm2-135m-instruct-int4"  # its manifest and tokenizer
-TOKENIZER = SMOLLM2_REFERENCE / "tokenizer.json"
+# any built SmolLM2 bundle gives the KV layout and the prompt's tokenizer: make bench
+# builds the fused fp32 one first, --quick measures the demo's
+SMOLLM2_REFERENCES = (FUSED, *QUICK_ENGINES.values())
 GENAI = "onnxruntime-genai int4"
 TORCH = "transformers fp32 (torch)"
 TORCH_LOOP = "torch fp32 KV loop (hand-written)"
@@ -424,14 +425,22 @@ def genai_perplexity(model_dir: Path, reference_bundle: Path) -> float:
     return cache[key]
 
 
-def prompt_ids(count: int, tokenizer_file: Path = TOKENIZER) -> list[int]:
+def smollm2_reference() -> Path:
+    """The first built bundle of :data:`SMOLLM2_REFERENCES`."""
+    for folder in SMOLLM2_REFERENCES:
+        if _built(folder):
+            return folder
+    raise SystemExit(f"no SmolLM2 bundle built: looked for {[str(f) for f in SMOLLM2_REFERENCES]}")
+
+
+def prompt_ids(count: int, tokenizer_file: Path | None = None) -> list[int]:
     """``count`` ids of a fixed English text repeated (SmolLM2's tokenizer unless told
     otherwise, no BOS)."""
     from tokenizers import Tokenizer
 
     from edge_slm.cli.bench import _TEXT
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = Tokenizer.from_file(str(tokenizer_file or smollm2_reference() / "tokenizer.json"))
     ids = tokenizer.encode(_TEXT, add_special_tokens=False).ids
     return (ids * (count // len(ids) + 1))[:count]
 
@@ -522,7 +531,7 @@ def engine_bytes(name: str, engines: dict[str, Path], args: argparse.Namespace) 
     from edge_slm.bundle import read_manifest
     from edge_slm.engine.device import kv_bytes_per_token
 
-    manifest, _ = read_manifest(SMOLLM2_REFERENCE)
+    manifest, _ = read_manifest(smollm2_reference())
     positions = args.prompt_tokens + args.new_tokens // 2
     kv = kv_bytes_per_token(manifest) * positions
     if name == GENAI:
