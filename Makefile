@@ -122,9 +122,10 @@ runtime-check: demo
 # the same way (a fresh process per engine and round, decode rate by differencing a 130- and
 # a 2-token run): builds the missing bundles and sets up the peers itself (benchmarks/peers.py:
 # genai's venv and int4 model, llama-cpp-python, llama-server and llama-bench under
-# .cache/peers/); writes docs/performance.md and docs/performance.png. Measuring: 5.5 minutes
-# on 2 cores at load average 1.3-1.5 with everything built (2026-11-29); 13 minutes when it
-# rebuilt its bundles; compiling llama.cpp's binaries the first time took 11 minutes.
+# .cache/peers/); writes docs/performance.md and docs/performance.png. On a fresh clone on 2
+# cores (2026-11-29): the peers 20 minutes (`make peers`: two venvs, llama.cpp compiled for
+# llama-cpp-python and for llama-server + llama-bench), the bundles 8.5 minutes, the 3
+# measured rounds 6.7 minutes.
 bench: setup $(ASSETS)/.smollm2
 	$(PY) benchmarks/bench_decode.py
 
