@@ -25,8 +25,8 @@ load, and the first token (the same 32 prompt ids, greedy, one new token): ``loa
 token`` is what a user waits for after the imports. edge-slm children also split the
 load into hashing, tokenizer, graph walks (external-data and position-table checks) and
 onnxruntime session creation (the tokenizer parses on a second core while onnxruntime
-builds the session: those two overlap). Children import from bytecode written to the private folder first.
-Prints medians, per-round ratios against genai's load (median and every round's), and
+builds the session: those two overlap). Children import from bytecode written to the
+private folder first. Prints medians, per-round ratios against genai's load (median and every round's), and
 the load average of every round.
 """
 

@@ -17,7 +17,6 @@ from onnx import TensorProto, helper
 
 import edge_slm
 from edge_slm.bundle import files, read_bundle, read_manifest, sha256_file, write_manifest
-from edge_slm.bundle.semantics import load_tokenizer
 from edge_slm.engine import overlap
 from edge_slm.engine.overlap import build_beside
 from edge_slm.engine.session import LoadOptions
@@ -85,12 +84,14 @@ def test_with_one_usable_cpu_the_tokenizer_parses_first_on_the_loading_thread(
     assert order == [("work", main), ("build", main)]
 
 
-def test_load_generates_as_a_generator_given_its_tokenizer(bundle_copy: Path) -> None:
+def test_load_generates_as_a_generator_loaded_in_the_serial_order(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     loaded = edge_slm.load(bundle_copy, cache=False)
     assert isinstance(loaded, TextGenerator)
     manifest = read_bundle(bundle_copy)
-    given = load_tokenizer(bundle_copy / "tokenizer.json")
-    plain = TextGenerator(bundle_copy, manifest, LoadOptions(prepared_cache=False), tokenizer=given)
+    monkeypatch.setattr(overlap, "usable_cpus", lambda: 1)  # tokenizer first, one thread
+    plain = TextGenerator(bundle_copy, manifest, LoadOptions(prepared_cache=False))
     assert loaded.tokenizer.to_str() == plain.tokenizer.to_str()
     prompt = [{"role": "user", "content": "Hello there"}]
     ours = loaded.chat(prompt, max_new_tokens=8, temperature=0.0)

@@ -137,15 +137,11 @@ def _verify_files(folder: Path, checksums: dict[str, str], hashes: FileHashes | 
     for name, expected in checksums.items():
         path = _inside(folder, name, "checksum entry")
         actual = sha256_file(path) if hashes is None else hashes.sha256(path, expected)
-        _compare(name, actual, expected)
-
-
-def _compare(name: str, actual: str, expected: str) -> None:
-    if actual != expected:
-        raise ChecksumError(
-            f"bundle file {name!r} is corrupt or was modified: sha256 {actual} "
-            f"!= {expected} recorded in the manifest"
-        )
+        if actual != expected:
+            raise ChecksumError(
+                f"bundle file {name!r} is corrupt or was modified: sha256 {actual} "
+                f"!= {expected} recorded in the manifest"
+            )
 
 
 def warn_unlisted(folder: Path, checksums: dict[str, str]) -> list[str]:

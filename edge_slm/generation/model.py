@@ -51,24 +51,18 @@ class TextGenerator:
         folder: Path,
         manifest: Manifest,
         options: LoadOptions | None = None,
-        *,
-        tokenizer: Tokenizer | None = None,
     ) -> None:
-        """``tokenizer``: the bundle's tokenizer when the caller parsed it already; None:
-        parse it here, beside the session's build (:mod:`edge_slm.engine.overlap`)."""
         start = time.perf_counter()
         assert manifest.decoder is not None  # guaranteed by Manifest validation
         options = options or LoadOptions()
         self.folder = folder
         self.manifest = manifest
         io = manifest.decoder
-        if tokenizer is None:  # parsed on a second core while onnxruntime builds
-            decoder, tokenizer = build_beside(
-                lambda: open_decoder(folder / manifest.files["model"], io, options),
-                lambda: load_tokenizer(folder / manifest.files["tokenizer"]),
-            )
-        else:
-            decoder = open_decoder(folder / manifest.files["model"], io, options)
+        # the tokenizer parses on a second core while onnxruntime builds the session
+        decoder, tokenizer = build_beside(
+            lambda: open_decoder(folder / manifest.files["model"], io, options),
+            lambda: load_tokenizer(folder / manifest.files["tokenizer"]),
+        )
         self.decoder: Decoder = decoder
         self.tokenizer: Tokenizer = tokenizer
         check_decoder(
